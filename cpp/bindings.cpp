@@ -1,0 +1,84 @@
+// pybind11 bindings, compiled once per backend: RR_BACKEND_CUDA selects the CUDA entry points and
+// the module name. Both modules expose the same functions, so the Python facade treats them alike.
+// Every argument is a plain integer (pointers included): the facade validates tensors first.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <tuple>
+
+#include "routing_replay/capture_backend.h"
+
+namespace py = pybind11;
+
+namespace {
+
+using ErrorTuple = std::tuple<int32_t, int64_t, int32_t, int64_t>;
+
+ErrorTuple to_tuple(const rr::CallError& e) { return {e.kind, e.row, e.col, e.value}; }
+
+rr::IndexArray index_array(std::uintptr_t ptr, int32_t bytes) {
+  return {reinterpret_cast<const void*>(ptr), bytes};
+}
+
+rr::RecorderView make_view(std::uintptr_t ids, std::uintptr_t valid_bits, std::uintptr_t error_counts,
+                           int64_t num_slots, int32_t num_layers, int32_t top_k, int32_t num_experts,
+                           int32_t id_bytes) {
+  rr::RecorderView v;
+  v.ids = reinterpret_cast<void*>(ids);
+  v.valid_bits = reinterpret_cast<uint32_t*>(valid_bits);
+  v.error_counts = reinterpret_cast<int64_t*>(error_counts);
+  v.num_slots = num_slots;
+  v.num_layers = num_layers;
+  v.top_k = top_k;
+  v.num_experts = num_experts;
+  v.bit_words = (num_layers + 31) / 32;
+  v.id_bytes = id_bytes;
+  return v;
+}
+
+#ifdef RR_BACKEND_CUDA
+namespace backend = rr::cuda;
+#define RR_MODULE _capture_cuda
+#else
+namespace backend = rr::cpu;
+#define RR_MODULE _capture_cpu
+#endif
+
+}  // namespace
+
+PYBIND11_MODULE(RR_MODULE, m) {
+  m.doc() = "Native routing-recorder kernels; use routing_replay.capture, not this module.";
+  m.attr("NUM_ERROR_KINDS") = rr::kNumErrorKinds;
+
+  // module_local: the CPU and CUDA modules each register their own copy of this type.
+  py::class_<rr::RecorderView>(m, "RecorderView", py::module_local())
+      .def(py::init(&make_view), py::arg("ids"), py::arg("valid_bits"), py::arg("error_counts"),
+           py::arg("num_slots"), py::arg("num_layers"), py::arg("top_k"), py::arg("num_experts"),
+           py::arg("id_bytes"))
+      .def_readonly("num_slots", &rr::RecorderView::num_slots)
+      .def_readonly("num_experts", &rr::RecorderView::num_experts);
+
+  m.def(
+      "record",
+      [](const rr::RecorderView& v, int32_t layer, std::uintptr_t slots, int32_t slots_bytes,
+         std::uintptr_t ids, int32_t ids_bytes, int64_t n_rows, std::uintptr_t valid, int32_t valid_bytes,
+         std::uintptr_t stream) {
+        return to_tuple(backend::record(v, layer, index_array(slots, slots_bytes), index_array(ids, ids_bytes), n_rows,
+                           index_array(valid, valid_bytes), stream));
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "gather",
+      [](const rr::RecorderView& v, std::uintptr_t slots, int32_t slots_bytes, int64_t n,
+         std::uintptr_t out_ids, std::uintptr_t out_bits, std::uintptr_t stream) {
+        return to_tuple(backend::gather(v, index_array(slots, slots_bytes), n, reinterpret_cast<void*>(out_ids),
+                                        reinterpret_cast<uint32_t*>(out_bits), stream));
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "reset",
+      [](const rr::RecorderView& v, std::uintptr_t slots, int32_t slots_bytes, int64_t n, std::uintptr_t stream) {
+        return to_tuple(backend::reset(v, index_array(slots, slots_bytes), n, stream));
+      },
+      py::call_guard<py::gil_scoped_release>());
+}

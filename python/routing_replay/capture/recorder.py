@@ -1,0 +1,280 @@
+"""RoutingRecorder: a slot-keyed, preallocated routing buffer with native record/gather/reset."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+
+from routing_replay.capture import native
+from routing_replay.capture.errors import InvalidRoutingInput, MissingRoutingError, RoutingCaptureError
+from routing_replay.capture.layout import RoutingLayout
+
+SlotsLike = Union[torch.Tensor, Sequence[int]]
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+# Error kinds of cpp/include/routing_replay/routing_row.h.
+_EXPERT_OUT_OF_RANGE, _SLOT_OUT_OF_RANGE, _PARTIAL_PADDING = 1, 2, 3
+_ERROR_NAMES = {
+    _EXPERT_OUT_OF_RANGE: "expert id out of range",
+    _SLOT_OUT_OF_RANGE: "slot out of range",
+    _PARTIAL_PADDING: "row mixing -1 padding with expert ids",
+}
+
+
+@dataclass(frozen=True)
+class RoutingRows:
+    """Routing of ``n`` tokens gathered from a recorder, on the host.
+
+    ``ids`` is ``[n, num_layers, top_k]`` in the layout's dtype; ``valid`` is ``[n, num_layers]``
+    bool, False where that (token, layer) was never recorded or was reset. Ids at invalid
+    positions are meaningless.
+    """
+
+    ids: torch.Tensor
+    valid: torch.Tensor
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.valid.all())
+
+    def missing(self) -> torch.Tensor:
+        """``[m, 2]`` int64 (row, layer) of every unrecorded position."""
+        return (~self.valid).nonzero()
+
+    def require_complete(self) -> torch.Tensor:
+        """The ids, or MissingRoutingError naming how many positions are missing and the first ones."""
+        if self.complete:
+            return self.ids
+        missing = self.missing()
+        first = ", ".join(f"(row {r}, layer {l})" for r, l in missing[:5].tolist())
+        raise MissingRoutingError(
+            f"{len(missing)} of {self.valid.numel()} (row, layer) positions were never recorded: {first}"
+        )
+
+
+class GatherHandle:
+    """A gather in flight. On CUDA the copy to pinned host memory runs asynchronously on the
+    stream that was current at ``gather``; ``wait`` blocks until it lands. On CPU it is done."""
+
+    def __init__(
+        self,
+        ids: torch.Tensor,
+        valid_bits: torch.Tensor,
+        error_counts: torch.Tensor,
+        num_layers: int,
+        event: torch.cuda.Event | None = None,
+        keepalive: tuple[torch.Tensor, ...] = (),
+    ) -> None:
+        self._ids = ids
+        self._bits = valid_bits
+        self._errors = error_counts
+        self._num_layers = num_layers
+        self._event = event
+        self._keepalive = keepalive  # device staging tensors must outlive the async copy
+
+    def done(self) -> bool:
+        return self._event is None or self._event.query()
+
+    def wait(self) -> RoutingRows:
+        """The gathered rows. Raises RoutingCaptureError if the CUDA kernels skipped bad input
+        since the previous gather."""
+        if self._event is not None:
+            self._event.synchronize()
+            self._keepalive = ()
+        counts = self._errors.tolist()
+        if any(counts):
+            found = ", ".join(f"{counts[k]} x {name}" for k, name in _ERROR_NAMES.items() if counts[k])
+            raise RoutingCaptureError(f"the CUDA recorder skipped bad input since the previous gather: {found}")
+        return RoutingRows(self._ids, unpack_valid_bits(self._bits, self._num_layers))
+
+
+def unpack_valid_bits(bits: torch.Tensor, num_layers: int) -> torch.Tensor:
+    """``[n, words]`` int32 bitmask -> ``[n, num_layers]`` bool."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bits.device)
+    flags = (bits.unsqueeze(-1) >> shifts) & 1
+    return flags.view(bits.shape[0], -1)[:, :num_layers].bool()
+
+
+def _check_index_tensor(name: str, t: object, ndim: int, device: torch.device) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise InvalidRoutingInput(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _INDEX_DTYPES:
+        raise InvalidRoutingInput(f"{name} must be int32 or int64, got {t.dtype}")
+    if t.dim() != ndim:
+        raise InvalidRoutingInput(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if t.device != device:
+        raise InvalidRoutingInput(f"{name} is on {t.device} but the recorder is on {device}")
+    if not t.is_contiguous():
+        raise InvalidRoutingInput(f"{name} must be contiguous (call .contiguous())")
+    return t
+
+
+class RoutingRecorder:
+    """Preallocated ``[num_slots, L, K]`` routing buffer keyed by KV-cache slot.
+
+    Args:
+        layout: the model's routing layout; picks the storage dtype.
+        num_slots: size of the inference engine's KV pool (one row per token slot).
+        device: where the buffer lives; ``cuda`` needs the CUDA module.
+
+    Memory: ``num_slots * (layout.bytes_per_token + 4 * layout.valid_words)`` bytes (``nbytes``).
+    """
+
+    def __init__(self, layout: RoutingLayout, num_slots: int, device: str | torch.device = "cpu") -> None:
+        if not isinstance(layout, RoutingLayout):
+            raise InvalidRoutingInput(f"layout must be a RoutingLayout, got {type(layout).__name__}")
+        if isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots <= 0:
+            raise InvalidRoutingInput(f"num_slots must be a positive int, got {num_slots!r}")
+        self.layout = layout
+        self.num_slots = num_slots
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self._backend = native.backend_for(self.device)
+        self.ids = torch.zeros((num_slots, layout.num_layers, layout.top_k), dtype=layout.dtype, device=self.device)
+        self.valid_bits = torch.zeros((num_slots, layout.valid_words), dtype=torch.int32, device=self.device)
+        self.error_counts = torch.zeros(native.NUM_ERROR_KINDS, dtype=torch.int64, device=self.device)
+        self._view = make_view(self._backend, self.ids, self.valid_bits, self.error_counts, layout.num_experts)
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes held: the id buffer plus the validity bitmask."""
+        return self.ids.nbytes + self.valid_bits.nbytes + self.error_counts.nbytes
+
+    def record(
+        self,
+        layer_id: int,
+        slots: torch.Tensor,
+        topk_ids: torch.Tensor,
+        valid_rows: int | torch.Tensor | None = None,
+    ) -> None:
+        """Converts one layer's ``[N, K]`` int32/int64 ids and writes row i at ``slots[i]``.
+
+        Rows whose ids are all -1 (engine padding) are skipped, and so is every row at or past
+        ``valid_rows`` (an int, or a one-element int tensor on the recorder's device whose value
+        may change between CUDA-graph replays). On CPU bad input raises InvalidRoutingInput and
+        nothing is written; on CUDA the call never syncs, bad rows are skipped and counted, and
+        the next ``gather(...).wait()`` raises RoutingCaptureError.
+        """
+        self._check_layer(layer_id)
+        _check_index_tensor("slots", slots, 1, self.device)
+        _check_index_tensor("topk_ids", topk_ids, 2, self.device)
+        if topk_ids.shape[1] != self.layout.top_k:
+            raise InvalidRoutingInput(f"topk_ids has {topk_ids.shape[1]} columns, the layout's top_k is {self.layout.top_k}")
+        if slots.shape[0] != topk_ids.shape[0]:
+            raise InvalidRoutingInput(f"slots has {slots.shape[0]} rows but topk_ids has {topk_ids.shape[0]}")
+        n_rows, valid_tensor = self._resolve_valid_rows(valid_rows, topk_ids.shape[0])
+        if torch.compiler.is_compiling():
+            torch.ops.routing_replay.record(
+                self.ids, self.valid_bits, self.error_counts, slots, topk_ids, valid_tensor, layer_id,
+                n_rows, self.layout.num_experts,
+            )
+            return
+        launch_record(self._backend, self._view, self.device, layer_id, slots, topk_ids, n_rows, valid_tensor)
+
+    def gather(self, slots: SlotsLike) -> GatherHandle:
+        """Starts copying the rows of ``slots`` (in order) to the host; ``.wait()`` returns RoutingRows."""
+        slots = self._slots_on_device(slots)
+        n = slots.shape[0]
+        if self.device.type == "cpu":
+            ids = torch.empty((n, self.layout.num_layers, self.layout.top_k), dtype=self.layout.dtype)
+            bits = torch.empty((n, self.layout.valid_words), dtype=torch.int32)
+            self._call("gather", slots, ids.data_ptr(), bits.data_ptr())
+            return GatherHandle(ids, bits, self.error_counts.clone(), self.layout.num_layers)
+        return self._gather_cuda(slots)
+
+    def reset(self, slots: SlotsLike) -> None:
+        """Marks every layer of ``slots`` unwritten (the engine freed those KV slots)."""
+        self._call("reset", self._slots_on_device(slots))
+
+    def _gather_cuda(self, slots: torch.Tensor) -> GatherHandle:
+        n = slots.shape[0]
+        staged_ids = torch.empty((n, self.layout.num_layers, self.layout.top_k), dtype=self.layout.dtype, device=self.device)
+        staged_bits = torch.empty((n, self.layout.valid_words), dtype=torch.int32, device=self.device)
+        self._call("gather", slots, staged_ids.data_ptr(), staged_bits.data_ptr())
+        host_ids = torch.empty(staged_ids.shape, dtype=staged_ids.dtype, pin_memory=True)
+        host_bits = torch.empty(staged_bits.shape, dtype=torch.int32, pin_memory=True)
+        host_errors = torch.empty(self.error_counts.shape, dtype=torch.int64, pin_memory=True)
+        host_ids.copy_(staged_ids, non_blocking=True)
+        host_bits.copy_(staged_bits, non_blocking=True)
+        host_errors.copy_(self.error_counts, non_blocking=True)
+        self.error_counts.zero_()  # stream-ordered after the snapshot: each error is reported once
+        event = torch.cuda.Event()
+        event.record()
+        return GatherHandle(host_ids, host_bits, host_errors, self.layout.num_layers, event,
+                            keepalive=(staged_ids, staged_bits, slots))
+
+    def _call(self, op: str, slots: torch.Tensor, *outputs: int) -> None:
+        error = getattr(self._backend, op)(
+            self._view, slots.data_ptr(), slots.element_size(), slots.shape[0], *outputs,
+            native.stream_handle(self.device),
+        )
+        raise_call_error(error, self._view.num_slots, self._view.num_experts)
+
+    def _slots_on_device(self, slots: SlotsLike) -> torch.Tensor:
+        if not isinstance(slots, torch.Tensor):
+            slots = torch.as_tensor(list(slots), dtype=torch.int64)
+        if slots.dtype not in _INDEX_DTYPES:
+            raise InvalidRoutingInput(f"slots must be int32 or int64, got {slots.dtype}")
+        if slots.dim() != 1:
+            raise InvalidRoutingInput(f"slots must be 1-D, got shape {tuple(slots.shape)}")
+        return slots.to(self.device, non_blocking=True).contiguous()
+
+    def _check_layer(self, layer_id: int) -> None:
+        if isinstance(layer_id, bool) or not isinstance(layer_id, int):
+            raise InvalidRoutingInput(f"layer_id must be an int, got {type(layer_id).__name__}")
+        if not 0 <= layer_id < self.layout.num_layers:
+            raise InvalidRoutingInput(f"layer_id {layer_id} is outside 0..{self.layout.num_layers - 1}")
+
+    def _resolve_valid_rows(self, valid_rows: int | torch.Tensor | None, n: int) -> tuple[int, torch.Tensor | None]:
+        if valid_rows is None:
+            return n, None
+        if isinstance(valid_rows, torch.Tensor):
+            if valid_rows.numel() != 1:
+                raise InvalidRoutingInput(f"valid_rows must hold one element, got shape {tuple(valid_rows.shape)}")
+            _check_index_tensor("valid_rows", valid_rows.view(1), 1, self.device)
+            return n, valid_rows
+        if isinstance(valid_rows, bool) or not isinstance(valid_rows, int) or valid_rows < 0:
+            raise InvalidRoutingInput(f"valid_rows must be a non-negative int or a tensor, got {valid_rows!r}")
+        return min(valid_rows, n), None
+
+
+def make_view(backend, ids: torch.Tensor, valid_bits: torch.Tensor, error_counts: torch.Tensor, num_experts: int):
+    """The native RecorderView over a recorder's three tensors."""
+    return backend.RecorderView(
+        ids.data_ptr(), valid_bits.data_ptr(), error_counts.data_ptr(), ids.shape[0], ids.shape[1],
+        ids.shape[2], num_experts, ids.element_size(),
+    )
+
+
+def launch_record(
+    backend, view, device: torch.device, layer_id: int, slots: torch.Tensor, topk_ids: torch.Tensor,
+    n_rows: int, valid_rows: torch.Tensor | None,
+) -> None:
+    """One native record call on validated tensors (shared by the eager path and the custom op)."""
+    valid_ptr, valid_bytes = (0, 8) if valid_rows is None else (valid_rows.data_ptr(), valid_rows.element_size())
+    error = backend.record(
+        view, layer_id, slots.data_ptr(), slots.element_size(), topk_ids.data_ptr(), topk_ids.element_size(),
+        n_rows, valid_ptr, valid_bytes, native.stream_handle(device),
+    )
+    raise_call_error(error, view.num_slots, view.num_experts)
+
+
+def raise_call_error(error: tuple[int, int, int, int], num_slots: int, num_experts: int) -> None:
+    kind, row, col, value = error
+    if kind == 0:
+        return
+    if kind == _EXPERT_OUT_OF_RANGE:
+        raise InvalidRoutingInput(
+            f"topk_ids[{row}, {col}] = {value} is not an expert id (valid: 0..{num_experts - 1}, or -1 for a padded row)"
+        )
+    if kind == _SLOT_OUT_OF_RANGE:
+        raise InvalidRoutingInput(f"slots[{row}] = {value} is outside the recorder's slots 0..{num_slots - 1}")
+    if kind == _PARTIAL_PADDING:
+        raise InvalidRoutingInput(
+            f"topk_ids row {row} mixes the padding mark -1 (column {col}) with expert ids; a padded row is all -1"
+        )
+    raise RuntimeError(f"native recorder returned unknown error kind {kind}")
