@@ -70,9 +70,9 @@ PYBIND11_MODULE(RR_MODULE, m) {
   m.def(
       "gather",
       [](const rr::RecorderView& v, std::uintptr_t slots, int32_t slots_bytes, int64_t n,
-         std::uintptr_t out_ids, std::uintptr_t out_bits, std::uintptr_t stream) {
+         std::uintptr_t out_ids, std::uintptr_t out_valid, std::uintptr_t stream) {
         return to_tuple(backend::gather(v, index_array(slots, slots_bytes), n, reinterpret_cast<void*>(out_ids),
-                                        reinterpret_cast<uint32_t*>(out_bits), stream));
+                                        reinterpret_cast<uint8_t*>(out_valid), stream));
       },
       py::call_guard<py::gil_scoped_release>());
   m.def(

@@ -5,28 +5,26 @@
 #include "routing_replay/capture_backend.h"
 
 namespace rr::cpu {
+namespace {
 
-CallError record(const RecorderView& v, int32_t layer, IndexArray slots, IndexArray ids,
-                 int64_t n_rows, IndexArray valid_rows, std::uintptr_t) {
-  const int64_t n = rows_to_record(n_rows, valid_rows);
+template <typename Slot, typename Id, typename Store>
+CallError record_rows(const RecorderView& v, int32_t layer, const Slot* slots, const Id* ids, int64_t n) {
+  const int32_t k = v.top_k;
   // Pass 1 validates, so a bad batch leaves the buffer untouched.
   for (int64_t row = 0; row < n; ++row) {
     int32_t error = kOk, col = 0;
-    const int32_t cls = classify_row(ids, row, v.top_k, v.num_experts, &error, &col);
-    if (cls == kReject) return {error, row, col, load_index(ids, row * v.top_k + col)};
-    const int64_t slot = load_index(slots, row);
-    if (cls == kStore && !slot_in_range(v, slot)) return {kSlotOutOfRange, row, 0, slot};
+    const int32_t cls = classify_row(ids + row * k, k, v.num_experts, &error, &col);
+    if (cls == kReject) return {error, row, col, static_cast<int64_t>(ids[row * k + col])};
+    if (cls == kStore && !slot_in_range(v, slots[row])) return {kSlotOutOfRange, row, 0, static_cast<int64_t>(slots[row])};
   }
+  // Every row is now either valid or all padding, so its first id tells which.
   for (int64_t row = 0; row < n; ++row) {
-    int32_t error = kOk, col = 0;
-    if (classify_row(ids, row, v.top_k, v.num_experts, &error, &col) == kStore) {
-      store_row(v, layer, load_index(slots, row), ids, row);
-    }
+    if (ids[row * k] != Id(kPaddingId)) store_row<Id, Store>(v, layer, slots[row], ids + row * k);
   }
   return {};
 }
 
-static CallError check_slots(const RecorderView& v, IndexArray slots, int64_t n) {
+CallError check_slots(const RecorderView& v, IndexArray slots, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const int64_t slot = load_index(slots, i);
     if (!slot_in_range(v, slot)) return {kSlotOutOfRange, i, 0, slot};
@@ -34,7 +32,25 @@ static CallError check_slots(const RecorderView& v, IndexArray slots, int64_t n)
   return {};
 }
 
-CallError gather(const RecorderView& v, IndexArray slots, int64_t n, void* out_ids, uint32_t* out_bits,
+}  // namespace
+
+CallError record(const RecorderView& v, int32_t layer, IndexArray slots, IndexArray ids, int64_t n_rows,
+                 IndexArray valid_rows, std::uintptr_t) {
+  const int64_t n = rows_to_record(n_rows, valid_rows);
+  CallError result;
+  dispatch_index(slots.bytes, [&](auto slot_type) {
+    dispatch_index(ids.bytes, [&](auto id_type) {
+      dispatch_storage(v.id_bytes, [&](auto store_type) {
+        using Slot = decltype(slot_type);
+        using Id = decltype(id_type);
+        result = record_rows<Slot, Id, decltype(store_type)>(v, layer, typed<Slot>(slots), typed<Id>(ids), n);
+      });
+    });
+  });
+  return result;
+}
+
+CallError gather(const RecorderView& v, IndexArray slots, int64_t n, void* out_ids, uint8_t* out_valid,
                  std::uintptr_t) {
   const CallError bad = check_slots(v, slots, n);
   if (bad.kind != kOk) return bad;
@@ -44,8 +60,10 @@ CallError gather(const RecorderView& v, IndexArray slots, int64_t n, void* out_i
   for (int64_t i = 0; i < n; ++i) {
     const int64_t slot = load_index(slots, i);
     std::memcpy(dst + i * row_bytes, src + slot * row_bytes, row_bytes);
-    std::memcpy(out_bits + i * v.bit_words, v.valid_bits + slot * v.bit_words,
-                sizeof(uint32_t) * v.bit_words);
+    const uint32_t* words = v.valid_bits + slot * v.bit_words;
+    for (int32_t layer = 0; layer < v.num_layers; ++layer) {
+      out_valid[i * v.num_layers + layer] = layer_written(words, layer);
+    }
   }
   return {};
 }

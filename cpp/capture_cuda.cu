@@ -17,29 +17,32 @@ __device__ void count_error(const RecorderView& v, int32_t kind) {
   atomicAdd(reinterpret_cast<unsigned long long*>(v.error_counts + kind), 1ull);
 }
 
-__global__ void record_kernel(RecorderView v, int32_t layer, IndexArray slots, IndexArray ids,
-                              int64_t n_rows, IndexArray valid_rows) {
+// One thread per row. The valid-row count is read on the device, so a captured graph honours the
+// value current at each replay.
+template <typename Slot, typename Id, typename Store>
+__global__ void record_kernel(RecorderView v, int32_t layer, const Slot* slots, const Id* ids, int64_t n_rows,
+                              IndexArray valid_rows) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row >= rows_to_record(n_rows, valid_rows)) return;
   int32_t error = kOk, col = 0;
-  const int32_t cls = classify_row(ids, row, v.top_k, v.num_experts, &error, &col);
+  const int32_t cls = classify_row(ids + row * v.top_k, v.top_k, v.num_experts, &error, &col);
   if (cls == kPadding) return;
   if (cls == kReject) {
     count_error(v, error);
     return;
   }
-  const int64_t slot = load_index(slots, row);
+  const int64_t slot = slots[row];
   if (!slot_in_range(v, slot)) {
     count_error(v, kSlotOutOfRange);
     return;
   }
-  store_row(v, layer, slot, ids, row);
+  store_row<Id, Store>(v, layer, slot, ids + row * v.top_k);
 }
 
-// One thread per stored element of the output; threads with col < bit_words also copy the
-// validity word (row_elems >= bit_words always holds since top_k >= 1).
-template <typename T>
-__global__ void gather_kernel(RecorderView v, IndexArray slots, int64_t n, T* out_ids, uint32_t* out_bits) {
+// One thread per output element; threads with col < num_layers also write that layer's flag
+// (row_elems = num_layers * top_k >= num_layers).
+template <typename Store>
+__global__ void gather_kernel(RecorderView v, IndexArray slots, int64_t n, Store* out_ids, uint8_t* out_valid) {
   const int64_t elems = row_elems(v);
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= n * elems) return;
@@ -47,15 +50,16 @@ __global__ void gather_kernel(RecorderView v, IndexArray slots, int64_t n, T* ou
   const int64_t slot = load_index(slots, row);
   const bool ok = slot_in_range(v, slot);
   if (!ok && col == 0) count_error(v, kSlotOutOfRange);
-  out_ids[e] = ok ? static_cast<const T*>(v.ids)[slot * elems + col] : T(0);
-  if (col < v.bit_words) out_bits[row * v.bit_words + col] = ok ? v.valid_bits[slot * v.bit_words + col] : 0u;
+  out_ids[e] = ok ? static_cast<const Store*>(v.ids)[slot * elems + col] : Store(0);
+  if (col < v.num_layers) {
+    out_valid[row * v.num_layers + col] = ok && layer_written(v.valid_bits + slot * v.bit_words, col);
+  }
 }
 
 __global__ void reset_kernel(RecorderView v, IndexArray slots, int64_t n) {
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= n * v.bit_words) return;
-  const int64_t row = e / v.bit_words;
-  const int64_t slot = load_index(slots, row);
+  const int64_t slot = load_index(slots, e / v.bit_words);
   if (!slot_in_range(v, slot)) {
     if (e % v.bit_words == 0) count_error(v, kSlotOutOfRange);
     return;
@@ -63,12 +67,10 @@ __global__ void reset_kernel(RecorderView v, IndexArray slots, int64_t n) {
   v.valid_bits[slot * v.bit_words + e % v.bit_words] = 0u;
 }
 
-unsigned int blocks_for(int64_t threads) {
-  return static_cast<unsigned int>((threads + kThreads - 1) / kThreads);
-}
+unsigned int blocks_for(int64_t threads) { return static_cast<unsigned int>((threads + kThreads - 1) / kThreads); }
 
 void check_launch(const char* what) {
-  // cudaPeekAtLastError does not sync and does not clear sticky errors: safe inside capture.
+  // cudaPeekAtLastError neither syncs nor clears sticky errors: safe inside graph capture.
   const cudaError_t err = cudaPeekAtLastError();
   if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
 }
@@ -78,22 +80,30 @@ void check_launch(const char* what) {
 CallError record(const RecorderView& v, int32_t layer, IndexArray slots, IndexArray ids, int64_t n_rows,
                  IndexArray valid_rows, std::uintptr_t stream) {
   if (n_rows == 0) return {};
-  record_kernel<<<blocks_for(n_rows), kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
-      v, layer, slots, ids, n_rows, valid_rows);
+  const auto s = reinterpret_cast<cudaStream_t>(stream);
+  dispatch_index(slots.bytes, [&](auto slot_type) {
+    dispatch_index(ids.bytes, [&](auto id_type) {
+      dispatch_storage(v.id_bytes, [&](auto store_type) {
+        using Slot = decltype(slot_type);
+        using Id = decltype(id_type);
+        record_kernel<Slot, Id, decltype(store_type)><<<blocks_for(n_rows), kThreads, 0, s>>>(
+            v, layer, typed<Slot>(slots), typed<Id>(ids), n_rows, valid_rows);
+      });
+    });
+  });
   check_launch("routing_replay record kernel");
   return {};
 }
 
-CallError gather(const RecorderView& v, IndexArray slots, int64_t n, void* out_ids, uint32_t* out_bits,
+CallError gather(const RecorderView& v, IndexArray slots, int64_t n, void* out_ids, uint8_t* out_valid,
                  std::uintptr_t stream) {
   if (n == 0) return {};
   const auto s = reinterpret_cast<cudaStream_t>(stream);
-  const unsigned int blocks = blocks_for(n * row_elems(v));
-  if (v.id_bytes == 1) {
-    gather_kernel<uint8_t><<<blocks, kThreads, 0, s>>>(v, slots, n, static_cast<uint8_t*>(out_ids), out_bits);
-  } else {
-    gather_kernel<int16_t><<<blocks, kThreads, 0, s>>>(v, slots, n, static_cast<int16_t*>(out_ids), out_bits);
-  }
+  dispatch_storage(v.id_bytes, [&](auto store_type) {
+    using Store = decltype(store_type);
+    gather_kernel<Store><<<blocks_for(n * row_elems(v)), kThreads, 0, s>>>(v, slots, n, static_cast<Store*>(out_ids),
+                                                                           out_valid);
+  });
   check_launch("routing_replay gather kernel");
   return {};
 }

@@ -26,9 +26,9 @@ struct CallError {
   /* Converts and scatters one layer's [n_rows, top_k] ids into the rows of `slots`. */               \
   CallError record(const RecorderView& v, int32_t layer, IndexArray slots, IndexArray ids,             \
                    int64_t n_rows, IndexArray valid_rows, std::uintptr_t stream);                      \
-  /* Copies the rows of `slots` to out_ids [n, L, K] and out_bits [n, bit_words]. */                   \
+  /* Copies the rows of `slots` to out_ids [n, L, K] and their written flags to out_valid [n, L]. */  \
   CallError gather(const RecorderView& v, IndexArray slots, int64_t n, void* out_ids,                  \
-                   uint32_t* out_bits, std::uintptr_t stream);                                         \
+                   uint8_t* out_valid, std::uintptr_t stream);                                         \
   /* Marks every layer of `slots` unwritten. */                                                        \
   CallError reset(const RecorderView& v, IndexArray slots, int64_t n, std::uintptr_t stream);
 

@@ -2,6 +2,8 @@
 //
 // Everything here is __host__ __device__ so the CPU build (and therefore the CPU test suite)
 // exercises exactly the code the CUDA kernels run. Nothing here allocates, syncs or throws.
+// Functions are templated on the index type (int32/int64) and the storage type (uint8/int16) so
+// the inner loops carry no per-element dtype branches; dispatch() picks the instantiation.
 #pragma once
 
 #include <cstdint>
@@ -46,9 +48,33 @@ struct RecorderView {
   int32_t id_bytes = 1;               // 1 (uint8) or 2 (int16)
 };
 
+// Calls fn(IndexT{}) with the C++ type of an int32/int64 index array.
+template <typename Fn>
+RR_HD void dispatch_index(int32_t bytes, Fn&& fn) {
+  if (bytes == 8) {
+    fn(int64_t{});
+  } else {
+    fn(int32_t{});
+  }
+}
+
+// Calls fn(StorageT{}) with the C++ storage type of a recorder (uint8 or int16).
+template <typename Fn>
+RR_HD void dispatch_storage(int32_t id_bytes, Fn&& fn) {
+  if (id_bytes == 1) {
+    fn(uint8_t{});
+  } else {
+    fn(int16_t{});
+  }
+}
+
+template <typename I>
+RR_HD const I* typed(IndexArray a) {
+  return static_cast<const I*>(a.ptr);
+}
+
 RR_HD int64_t load_index(IndexArray a, int64_t i) {
-  return a.bytes == 8 ? static_cast<const int64_t*>(a.ptr)[i]
-                      : static_cast<int64_t>(static_cast<const int32_t*>(a.ptr)[i]);
+  return a.bytes == 8 ? typed<int64_t>(a)[i] : static_cast<int64_t>(typed<int32_t>(a)[i]);
 }
 
 // How many leading rows to record: all of them, or fewer when the engine passes a valid-row
@@ -72,36 +98,33 @@ RR_HD int64_t row_elems(const RecorderView& v) {
 // Result of inspecting one [top_k] row of expert ids.
 enum RowClass : int32_t { kStore = 0, kPadding = 1, kReject = 2 };
 
-// Classifies row `row` of ids [n, top_k]. On kReject, *error and *bad_col say why and where.
-RR_HD int32_t classify_row(IndexArray ids, int64_t row, int32_t top_k, int32_t num_experts,
-                           int32_t* error, int32_t* bad_col) {
+// Classifies one row of top_k ids. On kReject, *error and *bad_col say why and where.
+template <typename I>
+RR_HD int32_t classify_row(const I* row, int32_t top_k, int32_t num_experts, int32_t* error, int32_t* bad_col) {
   int32_t padding = 0;
-  int32_t first_bad = -1;
+  bool all_ok = true;
   for (int32_t k = 0; k < top_k; ++k) {
-    const int64_t id = load_index(ids, row * top_k + k);
-    if (id == kPaddingId) {
-      ++padding;
-    } else if ((id < 0 || id >= num_experts) && first_bad < 0) {
-      first_bad = k;
-    }
+    padding += row[k] == I(kPaddingId);
+    all_ok &= row[k] >= I(0) && row[k] < I(num_experts);
   }
-  if (first_bad >= 0) {
-    *error = kExpertOutOfRange;
-    *bad_col = first_bad;
-    return kReject;
-  }
+  if (all_ok) return kStore;
   if (padding == top_k) return kPadding;
-  if (padding > 0) {
-    *error = kPartialPadding;
-    for (int32_t k = 0; k < top_k; ++k) {
-      if (load_index(ids, row * top_k + k) == kPaddingId) {
-        *bad_col = k;
-        break;
-      }
+  // Slow path, only for bad rows: locate the first offending column.
+  for (int32_t k = 0; k < top_k; ++k) {
+    if (row[k] != I(kPaddingId) && (row[k] < I(0) || row[k] >= I(num_experts))) {
+      *error = kExpertOutOfRange;
+      *bad_col = k;
+      return kReject;
     }
-    return kReject;
   }
-  return kStore;
+  for (int32_t k = 0; k < top_k; ++k) {
+    if (row[k] == I(kPaddingId)) {
+      *error = kPartialPadding;
+      *bad_col = k;
+      break;
+    }
+  }
+  return kReject;
 }
 
 RR_HD void set_bits(uint32_t* word, uint32_t mask) {
@@ -112,19 +135,18 @@ RR_HD void set_bits(uint32_t* word, uint32_t mask) {
 #endif
 }
 
-// Converts row `row` of ids (already classified kStore) to the storage dtype, writes it at
+// Converts one row of top_k ids (already classified kStore) to storage type S, writes it at
 // (slot, layer) and marks that (slot, layer) written.
-RR_HD void store_row(const RecorderView& v, int32_t layer, int64_t slot, IndexArray ids, int64_t row) {
-  const int64_t base = slot * row_elems(v) + static_cast<int64_t>(layer) * v.top_k;
-  for (int32_t k = 0; k < v.top_k; ++k) {
-    const int64_t id = load_index(ids, row * v.top_k + k);
-    if (v.id_bytes == 1) {
-      static_cast<uint8_t*>(v.ids)[base + k] = static_cast<uint8_t>(id);
-    } else {
-      static_cast<int16_t*>(v.ids)[base + k] = static_cast<int16_t>(id);
-    }
-  }
+template <typename I, typename S>
+RR_HD void store_row(const RecorderView& v, int32_t layer, int64_t slot, const I* row) {
+  S* out = static_cast<S*>(v.ids) + slot * row_elems(v) + static_cast<int64_t>(layer) * v.top_k;
+  for (int32_t k = 0; k < v.top_k; ++k) out[k] = static_cast<S>(row[k]);
   set_bits(v.valid_bits + slot * v.bit_words + layer / 32, 1u << (layer % 32));
+}
+
+// Whether `layer` of the slot whose validity words start at `words` was written.
+RR_HD bool layer_written(const uint32_t* words, int32_t layer) {
+  return (words[layer / 32] >> (layer % 32)) & 1u;
 }
 
 }  // namespace rr

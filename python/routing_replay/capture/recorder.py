@@ -61,17 +61,13 @@ class GatherHandle:
 
     def __init__(
         self,
-        ids: torch.Tensor,
-        valid_bits: torch.Tensor,
-        error_counts: torch.Tensor,
-        num_layers: int,
+        rows: RoutingRows,
+        error_counts: torch.Tensor | None = None,
         event: torch.cuda.Event | None = None,
         keepalive: tuple[torch.Tensor, ...] = (),
     ) -> None:
-        self._ids = ids
-        self._bits = valid_bits
+        self._rows = rows
         self._errors = error_counts
-        self._num_layers = num_layers
         self._event = event
         self._keepalive = keepalive  # device staging tensors must outlive the async copy
 
@@ -84,18 +80,12 @@ class GatherHandle:
         if self._event is not None:
             self._event.synchronize()
             self._keepalive = ()
-        counts = self._errors.tolist()
-        if any(counts):
-            found = ", ".join(f"{counts[k]} x {name}" for k, name in _ERROR_NAMES.items() if counts[k])
-            raise RoutingCaptureError(f"the CUDA recorder skipped bad input since the previous gather: {found}")
-        return RoutingRows(self._ids, unpack_valid_bits(self._bits, self._num_layers))
-
-
-def unpack_valid_bits(bits: torch.Tensor, num_layers: int) -> torch.Tensor:
-    """``[n, words]`` int32 bitmask -> ``[n, num_layers]`` bool."""
-    shifts = torch.arange(32, dtype=torch.int32, device=bits.device)
-    flags = (bits.unsqueeze(-1) >> shifts) & 1
-    return flags.view(bits.shape[0], -1)[:, :num_layers].bool()
+        if self._errors is not None:
+            counts = self._errors.tolist()
+            if any(counts):
+                found = ", ".join(f"{counts[k]} x {name}" for k, name in _ERROR_NAMES.items() if counts[k])
+                raise RoutingCaptureError(f"the CUDA recorder skipped bad input since the previous gather: {found}")
+        return self._rows
 
 
 def _check_index_tensor(name: str, t: object, ndim: int, device: torch.device) -> torch.Tensor:
@@ -178,34 +168,30 @@ class RoutingRecorder:
     def gather(self, slots: SlotsLike) -> GatherHandle:
         """Starts copying the rows of ``slots`` (in order) to the host; ``.wait()`` returns RoutingRows."""
         slots = self._slots_on_device(slots)
-        n = slots.shape[0]
+        rows = self._empty_rows(slots.shape[0], self.device)
+        self._call("gather", slots, rows.ids.data_ptr(), rows.valid.data_ptr())
         if self.device.type == "cpu":
-            ids = torch.empty((n, self.layout.num_layers, self.layout.top_k), dtype=self.layout.dtype)
-            bits = torch.empty((n, self.layout.valid_words), dtype=torch.int32)
-            self._call("gather", slots, ids.data_ptr(), bits.data_ptr())
-            return GatherHandle(ids, bits, self.error_counts.clone(), self.layout.num_layers)
-        return self._gather_cuda(slots)
+            return GatherHandle(rows)
+        host = self._empty_rows(slots.shape[0], torch.device("cpu"), pin_memory=True)
+        host_errors = torch.empty(self.error_counts.shape, dtype=torch.int64, pin_memory=True)
+        host.ids.copy_(rows.ids, non_blocking=True)
+        host.valid.copy_(rows.valid, non_blocking=True)
+        host_errors.copy_(self.error_counts, non_blocking=True)
+        self.error_counts.zero_()  # stream-ordered after the snapshot: each error is reported once
+        event = torch.cuda.Event()
+        event.record()
+        return GatherHandle(host, host_errors, event, keepalive=(rows.ids, rows.valid, slots))
 
     def reset(self, slots: SlotsLike) -> None:
         """Marks every layer of ``slots`` unwritten (the engine freed those KV slots)."""
         self._call("reset", self._slots_on_device(slots))
 
-    def _gather_cuda(self, slots: torch.Tensor) -> GatherHandle:
-        n = slots.shape[0]
-        staged_ids = torch.empty((n, self.layout.num_layers, self.layout.top_k), dtype=self.layout.dtype, device=self.device)
-        staged_bits = torch.empty((n, self.layout.valid_words), dtype=torch.int32, device=self.device)
-        self._call("gather", slots, staged_ids.data_ptr(), staged_bits.data_ptr())
-        host_ids = torch.empty(staged_ids.shape, dtype=staged_ids.dtype, pin_memory=True)
-        host_bits = torch.empty(staged_bits.shape, dtype=torch.int32, pin_memory=True)
-        host_errors = torch.empty(self.error_counts.shape, dtype=torch.int64, pin_memory=True)
-        host_ids.copy_(staged_ids, non_blocking=True)
-        host_bits.copy_(staged_bits, non_blocking=True)
-        host_errors.copy_(self.error_counts, non_blocking=True)
-        self.error_counts.zero_()  # stream-ordered after the snapshot: each error is reported once
-        event = torch.cuda.Event()
-        event.record()
-        return GatherHandle(host_ids, host_bits, host_errors, self.layout.num_layers, event,
-                            keepalive=(staged_ids, staged_bits, slots))
+    def _empty_rows(self, n: int, device: torch.device, pin_memory: bool = False) -> RoutingRows:
+        shape = (n, self.layout.num_layers)
+        return RoutingRows(
+            torch.empty((*shape, self.layout.top_k), dtype=self.layout.dtype, device=device, pin_memory=pin_memory),
+            torch.empty(shape, dtype=torch.bool, device=device, pin_memory=pin_memory),
+        )
 
     def _call(self, op: str, slots: torch.Tensor, *outputs: int) -> None:
         error = getattr(self._backend, op)(
@@ -221,7 +207,9 @@ class RoutingRecorder:
             raise InvalidRoutingInput(f"slots must be int32 or int64, got {slots.dtype}")
         if slots.dim() != 1:
             raise InvalidRoutingInput(f"slots must be 1-D, got shape {tuple(slots.shape)}")
-        return slots.to(self.device, non_blocking=True).contiguous()
+        if slots.device != self.device:
+            slots = slots.to(self.device, non_blocking=True)
+        return slots.contiguous()
 
     def _check_layer(self, layer_id: int) -> None:
         if isinstance(layer_id, bool) or not isinstance(layer_id, int):

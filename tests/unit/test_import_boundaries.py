@@ -1,0 +1,43 @@
+"""Each package imports only what lies upstream of it: capture needs torch and nothing heavier."""
+
+import subprocess
+import sys
+import textwrap
+
+BLOCKED = ("sglang", "megatron", "ray", "transformers", "zmq")
+
+
+def import_with_blocked(module: str, blocked: tuple[str, ...]) -> subprocess.CompletedProcess:
+    code = textwrap.dedent(
+        f"""
+        import importlib.abc, sys
+        BLOCKED = {blocked!r}
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in BLOCKED:
+                    raise ImportError(f"blocked import of {{name}}")
+        sys.meta_path.insert(0, Block())
+        import {module}
+        leaked = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+        assert not leaked, leaked
+        print("ok")
+        """
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_capture_imports_with_sglang_megatron_and_ray_blocked():
+    result = import_with_blocked("routing_replay.capture", BLOCKED)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_top_level_package_imports_nothing_heavy():
+    result = import_with_blocked("routing_replay", BLOCKED + ("torch",))
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_blocker_itself_works():
+    result = import_with_blocked("sglang", BLOCKED)
+    assert result.returncode != 0
+    assert "blocked import of sglang" in result.stderr

@@ -1,0 +1,38 @@
+import pytest
+import torch
+
+from routing_replay.capture import InvalidRoutingInput, RoutingLayout
+
+
+@pytest.mark.parametrize(
+    ("experts", "dtype", "itemsize"),
+    [(8, torch.uint8, 1), (128, torch.uint8, 1), (256, torch.uint8, 1), (257, torch.int16, 2), (512, torch.int16, 2)],
+)
+def test_smallest_dtype_that_holds_every_expert_id(experts, dtype, itemsize):
+    layout = RoutingLayout(num_layers=4, top_k=2, num_experts=experts)
+    assert layout.dtype == dtype
+    assert layout.itemsize == itemsize
+    assert torch.iinfo(dtype).max >= experts - 1
+
+
+def test_bytes_per_token_for_qwen3_30b_a3b_is_a_quarter_of_int32():
+    layout = RoutingLayout(num_layers=48, top_k=8, num_experts=128)
+    assert layout.bytes_per_token == 384
+    assert layout.bytes_per_token * 4 == 48 * 8 * torch.int32.itemsize
+    assert layout.valid_words == 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_layers": 0, "top_k": 2, "num_experts": 8}, "num_layers must be positive"),
+        ({"num_layers": 2, "top_k": -1, "num_experts": 8}, "top_k must be positive"),
+        ({"num_layers": 2, "top_k": 9, "num_experts": 8}, "top_k \\(9\\) exceeds num_experts \\(8\\)"),
+        ({"num_layers": 2, "top_k": 2, "num_experts": 40000}, "exceeds 32768"),
+        ({"num_layers": 2.0, "top_k": 2, "num_experts": 8}, "num_layers must be an int"),
+        ({"num_layers": True, "top_k": 2, "num_experts": 8}, "num_layers must be an int"),
+    ],
+)
+def test_invalid_layouts_are_rejected_with_the_field_named(kwargs, message):
+    with pytest.raises(InvalidRoutingInput, match=message):
+        RoutingLayout(**kwargs)

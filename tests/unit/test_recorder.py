@@ -1,0 +1,242 @@
+"""RoutingRecorder on CPU against the pure-Python ReferenceRecorder."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from routing_replay.capture import (
+    InvalidRoutingInput,
+    MissingRoutingError,
+    RoutingLayout,
+    RoutingRecorder,
+)
+from tests.unit.routing_reference import ReferenceRecorder
+
+LAYOUTS = {
+    "8e-top2": RoutingLayout(num_layers=3, top_k=2, num_experts=8),
+    "qwen3-30b-a3b": RoutingLayout(num_layers=48, top_k=8, num_experts=128),
+    "deepseek-v3-256e": RoutingLayout(num_layers=58, top_k=8, num_experts=256),
+    "512e-int16": RoutingLayout(num_layers=5, top_k=8, num_experts=512),
+    "over-32-layers": RoutingLayout(num_layers=70, top_k=1, num_experts=4),
+}
+
+
+def random_topk(gen: torch.Generator, n: int, layout: RoutingLayout, dtype=torch.int64) -> torch.Tensor:
+    """[n, K] distinct expert ids per row, like a real top-k."""
+    scores = torch.rand((n, layout.num_experts), generator=gen)
+    return scores.topk(layout.top_k, dim=-1).indices.to(dtype)
+
+
+def assert_matches(recorder: RoutingRecorder, reference: ReferenceRecorder, slots: list[int]) -> None:
+    rows = recorder.gather(slots).wait()
+    ids, valid = reference.expected(slots)
+    assert torch.equal(rows.valid, valid)
+    assert torch.equal(rows.ids.to(torch.int64)[valid], ids[valid])
+    assert rows.ids.dtype == recorder.layout.dtype
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_round_trip_equals_reference(name, index_dtype):
+    layout = LAYOUTS[name]
+    gen = torch.Generator().manual_seed(hash(name) % 1000)
+    recorder = RoutingRecorder(layout, num_slots=300)
+    reference = ReferenceRecorder(300, layout.num_layers, layout.top_k)
+    slots = torch.randperm(300, generator=gen)[:97].to(index_dtype)
+    for layer in range(layout.num_layers):
+        ids = random_topk(gen, 97, layout, index_dtype)
+        recorder.record(layer, slots, ids)
+        reference.record(layer, slots.tolist(), ids.tolist())
+    assert_matches(recorder, reference, slots.tolist())
+    assert recorder.gather(slots).wait().complete
+
+
+def test_highest_expert_id_survives_uint8_and_int16():
+    for experts in (256, 512):
+        layout = RoutingLayout(num_layers=1, top_k=2, num_experts=experts)
+        recorder = RoutingRecorder(layout, num_slots=4)
+        recorder.record(0, torch.tensor([1]), torch.tensor([[experts - 1, 0]]))
+        assert recorder.gather([1]).wait().ids.tolist() == [[[experts - 1, 0]]]
+
+
+def test_cached_prefix_rows_written_by_one_request_are_read_by_another():
+    layout = LAYOUTS["8e-top2"]
+    gen = torch.Generator().manual_seed(1)
+    recorder = RoutingRecorder(layout, num_slots=64)
+    reference = ReferenceRecorder(64, layout.num_layers, layout.top_k)
+    prefix, first_tail, second_tail = [10, 11, 12, 13], [20, 21], [30, 31, 32]
+    for slots in (prefix + first_tail, second_tail):  # the second request only prefills its tail
+        for layer in range(layout.num_layers):
+            ids = random_topk(gen, len(slots), layout)
+            recorder.record(layer, torch.tensor(slots), ids)
+            reference.record(layer, slots, ids.tolist())
+    second = prefix + second_tail
+    assert_matches(recorder, reference, second)
+    assert recorder.gather(second).wait().complete
+
+
+def test_unwritten_rows_are_reported_missing():
+    layout = LAYOUTS["8e-top2"]
+    recorder = RoutingRecorder(layout, num_slots=8)
+    recorder.record(0, torch.tensor([1, 2]), torch.tensor([[0, 1], [2, 3]]))
+    recorder.record(2, torch.tensor([1]), torch.tensor([[4, 5]]))
+    rows = recorder.gather([1, 2, 5]).wait()
+    assert not rows.complete
+    assert rows.missing().tolist() == [[0, 1], [1, 1], [1, 2], [2, 0], [2, 1], [2, 2]]
+    with pytest.raises(MissingRoutingError, match="6 of 9 .* \\(row 0, layer 1\\)"):
+        rows.require_complete()
+
+
+def test_reset_marks_slots_unwritten_and_they_can_be_reused():
+    layout = LAYOUTS["8e-top2"]
+    recorder = RoutingRecorder(layout, num_slots=8)
+    for layer in range(3):
+        recorder.record(layer, torch.tensor([4, 5]), torch.tensor([[0, 1], [2, 3]]))
+    recorder.reset(torch.tensor([4]))
+    rows = recorder.gather([4, 5]).wait()
+    assert rows.valid.tolist() == [[False] * 3, [True] * 3]
+    recorder.record(1, torch.tensor([4]), torch.tensor([[6, 7]]))
+    rows = recorder.gather([4]).wait()
+    assert rows.valid.tolist() == [[False, True, False]]
+    assert rows.ids[0, 1].tolist() == [6, 7]
+
+
+def test_padded_rows_marked_minus_one_are_skipped_not_errors():
+    layout = LAYOUTS["8e-top2"]
+    recorder = RoutingRecorder(layout, num_slots=8)
+    # CUDA-graph padding: the padded rows usually point at a dummy slot (0 in SGLang) or garbage.
+    recorder.record(0, torch.tensor([3, 0, 999]), torch.tensor([[1, 2], [-1, -1], [-1, -1]]))
+    rows = recorder.gather([3, 0]).wait()
+    assert rows.valid[:, 0].tolist() == [True, False]
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_valid_row_count_is_honoured(as_tensor):
+    layout = LAYOUTS["8e-top2"]
+    recorder = RoutingRecorder(layout, num_slots=8)
+    valid = torch.tensor(2, dtype=torch.int32) if as_tensor else 2
+    # rows past the count hold garbage that would be an error if it were looked at
+    recorder.record(0, torch.tensor([1, 2, 3, 4]), torch.tensor([[0, 1], [2, 3], [99, 99], [0, -1]]), valid_rows=valid)
+    assert recorder.gather([1, 2, 3, 4]).wait().valid[:, 0].tolist() == [True, True, False, False]
+
+
+def test_bad_batch_writes_nothing():
+    layout = LAYOUTS["8e-top2"]
+    recorder = RoutingRecorder(layout, num_slots=8)
+    with pytest.raises(InvalidRoutingInput):
+        recorder.record(0, torch.tensor([1, 2]), torch.tensor([[0, 1], [2, 8]]))
+    assert not recorder.gather([1, 2]).wait().valid.any()
+
+
+def _record_call(recorder, **overrides):
+    args = {
+        "layer_id": 0,
+        "slots": torch.tensor([1, 2]),
+        "topk_ids": torch.tensor([[0, 1], [2, 3]]),
+    }
+    args.update(overrides)
+    recorder.record(**args)
+
+
+BAD_RECORD_CALLS = {
+    "expert id too large": ({"topk_ids": torch.tensor([[0, 1], [2, 8]])}, r"topk_ids\[1, 1\] = 8 is not an expert id"),
+    "negative expert id": ({"topk_ids": torch.tensor([[0, -2], [2, 3]])}, r"topk_ids\[0, 1\] = -2 is not an expert id"),
+    "partial padding": ({"topk_ids": torch.tensor([[0, 1], [-1, 3]])}, "mixes the padding mark -1"),
+    "slot too large": ({"slots": torch.tensor([1, 8])}, r"slots\[1\] = 8 is outside the recorder's slots 0..7"),
+    "negative slot": ({"slots": torch.tensor([-1, 2])}, r"slots\[0\] = -1 is outside"),
+    "float ids": ({"topk_ids": torch.tensor([[0.0, 1.0], [2.0, 3.0]])}, "topk_ids must be int32 or int64"),
+    "uint8 ids": ({"topk_ids": torch.tensor([[0, 1], [2, 3]], dtype=torch.uint8)}, "topk_ids must be int32 or int64"),
+    "1-D ids": ({"topk_ids": torch.tensor([0, 1])}, "topk_ids must be 2-D"),
+    "wrong top_k": ({"topk_ids": torch.tensor([[0, 1, 2], [2, 3, 4]])}, "3 columns, the layout's top_k is 2"),
+    "row mismatch": ({"slots": torch.tensor([1, 2, 3])}, "slots has 3 rows but topk_ids has 2"),
+    "2-D slots": ({"slots": torch.tensor([[1, 2]])}, "slots must be 1-D"),
+    "non-contiguous ids": ({"topk_ids": torch.tensor([[0, 2], [1, 3]]).t()}, "topk_ids must be contiguous"),
+    "non-contiguous slots": ({"slots": torch.tensor([1, 0, 2, 0])[::2]}, "slots must be contiguous"),
+    "list slots": ({"slots": [1, 2]}, "slots must be a torch.Tensor"),
+    "wrong device": ({"slots": torch.tensor([1, 2], device="meta")}, "slots is on meta but the recorder is on cpu"),
+    "layer too large": ({"layer_id": 3}, "layer_id 3 is outside 0..2"),
+    "negative layer": ({"layer_id": -1}, "layer_id -1 is outside 0..2"),
+    "float layer": ({"layer_id": 1.0}, "layer_id must be an int"),
+    "negative valid rows": ({"valid_rows": -1}, "valid_rows must be a non-negative int"),
+    "2-element valid rows": ({"valid_rows": torch.tensor([1, 2])}, "valid_rows must hold one element"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_RECORD_CALLS)
+def test_bad_record_input_raises_the_documented_exception(case):
+    overrides, message = BAD_RECORD_CALLS[case]
+    recorder = RoutingRecorder(LAYOUTS["8e-top2"], num_slots=8)
+    with pytest.raises(InvalidRoutingInput, match=message):
+        _record_call(recorder, **overrides)
+
+
+@pytest.mark.parametrize("op", ["gather", "reset"])
+def test_out_of_range_slots_in_gather_and_reset_raise(op):
+    recorder = RoutingRecorder(LAYOUTS["8e-top2"], num_slots=8)
+    with pytest.raises(InvalidRoutingInput, match=r"slots\[1\] = 8 is outside"):
+        getattr(recorder, op)([0, 8])
+    with pytest.raises(InvalidRoutingInput, match="slots must be int32 or int64"):
+        getattr(recorder, op)(torch.tensor([0.5]))
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(InvalidRoutingInput, match="layout must be a RoutingLayout"):
+        RoutingRecorder((2, 2, 8), num_slots=4)
+    with pytest.raises(InvalidRoutingInput, match="num_slots must be a positive int"):
+        RoutingRecorder(LAYOUTS["8e-top2"], num_slots=0)
+    with pytest.raises(ValueError, match="unsupported device meta"):
+        RoutingRecorder(LAYOUTS["8e-top2"], num_slots=4, device="meta")
+
+
+def test_memory_is_the_compact_buffer_plus_a_bitmask():
+    layout = LAYOUTS["qwen3-30b-a3b"]
+    recorder = RoutingRecorder(layout, num_slots=1000)
+    assert recorder.ids.dtype == torch.uint8
+    assert recorder.nbytes == 1000 * (384 + 8) + recorder.error_counts.nbytes
+
+
+def test_record_inside_torch_compile_writes_the_buffer():
+    layout = LAYOUTS["8e-top2"]
+    recorder = RoutingRecorder(layout, num_slots=8)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def forward_step(slots, ids, valid):
+        recorder.record(1, slots, ids, valid_rows=valid)
+        return ids.sum()
+
+    forward_step(torch.tensor([2, 3, 4]), torch.tensor([[5, 6], [7, 0], [1, 1]]), torch.tensor(2))
+    rows = recorder.gather([2, 3, 4]).wait()
+    assert rows.valid[:, 1].tolist() == [True, True, False]
+    assert rows.ids[:2, 1].tolist() == [[5, 6], [7, 0]]
+
+
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("record"), st.integers(0, 2), st.lists(st.integers(0, 15), min_size=1, max_size=6),
+                  st.integers(0, 6), st.booleans()),
+        st.tuples(st.just("reset"), st.lists(st.integers(0, 15), max_size=4)),
+    ),
+    max_size=12,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=_OPS, seed=st.integers(0, 2**16))
+def test_random_sequences_of_record_and_reset_match_the_reference(ops, seed):
+    layout = LAYOUTS["8e-top2"]
+    gen = torch.Generator().manual_seed(seed)
+    recorder = RoutingRecorder(layout, num_slots=16)
+    reference = ReferenceRecorder(16, layout.num_layers, layout.top_k)
+    for op in ops:
+        if op[0] == "reset":
+            recorder.reset(op[1])
+            reference.reset(op[1])
+            continue
+        _, layer, slots, valid_rows, pad_last = op
+        ids = random_topk(gen, len(slots), layout)
+        if pad_last:
+            ids[-1] = -1
+        recorder.record(layer, torch.tensor(slots), ids, valid_rows=valid_rows)
+        reference.record(layer, slots, ids.tolist(), valid_rows=valid_rows)
+    assert_matches(recorder, reference, list(range(16)))
