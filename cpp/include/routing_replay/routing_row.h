@@ -48,25 +48,21 @@ struct RecorderView {
   int32_t id_bytes = 1;               // 1 (uint8) or 2 (int16)
 };
 
-// Calls fn(IndexT{}) with the C++ type of an int32/int64 index array.
-template <typename Fn>
-RR_HD void dispatch_index(int32_t bytes, Fn&& fn) {
-  if (bytes == 8) {
-    fn(int64_t{});
+// Calls fn(T{}) with T = Wide when `wide`, else Narrow: turns a runtime dtype into a template argument.
+template <typename Narrow, typename Wide, typename Fn>
+RR_HD void dispatch_width(bool wide, Fn&& fn) {
+  if (wide) {
+    fn(Wide{});
   } else {
-    fn(int32_t{});
+    fn(Narrow{});
   }
 }
 
-// Calls fn(StorageT{}) with the C++ storage type of a recorder (uint8 or int16).
+// The C++ type of an int32/int64 index array, and of a recorder's uint8/int16 storage.
 template <typename Fn>
-RR_HD void dispatch_storage(int32_t id_bytes, Fn&& fn) {
-  if (id_bytes == 1) {
-    fn(uint8_t{});
-  } else {
-    fn(int16_t{});
-  }
-}
+RR_HD void dispatch_index(int32_t bytes, Fn&& fn) { dispatch_width<int32_t, int64_t>(bytes == 8, fn); }
+template <typename Fn>
+RR_HD void dispatch_storage(int32_t id_bytes, Fn&& fn) { dispatch_width<uint8_t, int16_t>(id_bytes == 2, fn); }
 
 template <typename I>
 RR_HD const I* typed(IndexArray a) {
