@@ -1,0 +1,383 @@
+"""RoutingCollector: the trainer-side receiver, a thread inside the process that trains.
+
+It binds a ZMQ ROUTER socket, receives routing messages without copying (frames, or a mapped
+shared-memory segment), validates each header against its payload, and holds the samples until
+the consumer asks for them with ``get``/``take``. The tensors returned are views of the received
+memory. Every byte held counts against a budget until the consumer's last view is freed; while
+the budget is spent the collector stops reading, which pushes back on the senders.
+
+Acknowledgements go back to the sender: ``received`` once validated, ``taken`` once handed to
+the consumer, ``rejected`` (with a reason) for a sample that will never be delivered. Malformed,
+truncated, oversized or unauthenticated messages are counted (``stats()``), logged, and dropped;
+the collector keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+import warnings
+import weakref
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import zmq
+
+from routing_replay.wire import format as wf
+from routing_replay.wire import shm
+from routing_replay.wire.security import CurveServer, secure_server
+
+log = logging.getLogger("routing_replay.wire")
+
+# The received frames are read-only to Python but are private, writable libzmq/mmap memory.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+
+
+class MissingRoutingKeys(TimeoutError):
+    """Routing for these keys did not arrive in time."""
+
+    def __init__(self, keys: Sequence[str], timeout: float) -> None:
+        shown = ", ".join(repr(k) for k in list(keys)[:10])
+        more = f" and {len(keys) - 10} more" if len(keys) > 10 else ""
+        super().__init__(f"no routing for {len(keys)} key(s) after {timeout:.1f}s: {shown}{more}")
+        self.keys = list(keys)
+
+
+class TokenMismatchError(ValueError):
+    """Routing was recorded for other token ids than the consumer's (re-tokenised or trimmed text)."""
+
+
+@dataclass(frozen=True)
+class CollectorConfig:
+    bind: str = "tcp://127.0.0.1:*"
+    """ZMQ endpoint to bind; loopback by default. A routable address needs ``curve``."""
+    budget_bytes: int = 4 << 30
+    """Bytes of routing held at once (received and not yet freed by the consumer). Reading pauses
+    while it is spent; a single sample larger than it is rejected."""
+    max_message_bytes: int = 1 << 30
+    """Largest payload accepted; larger ones are rejected (and ZMQ refuses frames far beyond it)."""
+    remember_taken: int = 100_000
+    """Keys remembered after they are taken, so a resent duplicate is acknowledged, not redelivered."""
+    curve: CurveServer | None = None
+    """CURVE keys and allowed senders (see routing_replay.wire.security)."""
+    linger_ms: int = 1000
+    """How long close() waits to flush pending acknowledgements."""
+
+
+@dataclass(frozen=True)
+class RoutingSample:
+    """One sample's routing as received: views of the received memory, not copies."""
+
+    header: wf.RoutingHeader
+    routing: torch.Tensor
+    """``[rows, layers, top_k]`` expert ids (uint8 or int16)."""
+    valid: torch.Tensor | None
+    """``[rows, layers]`` bool, False where a (row, layer) was not recorded; None when complete."""
+    source: memoryview
+    """The received memory ``routing`` views: a ZMQ frame's buffer, or a mapped shared segment."""
+
+    def check_tokens(self, token_ids: Sequence[int] | torch.Tensor) -> None:
+        """Raises TokenMismatchError unless the routing was recorded for exactly these tokens."""
+        n = len(token_ids)
+        if n != self.header.num_tokens or wf.token_hash(token_ids) != self.header.token_hash:
+            raise TokenMismatchError(
+                f"routing for {self.header.key!r} was recorded for {self.header.num_tokens} other tokens "
+                f"than the {n} given (token-id hash differs): re-tokenised or trimmed text?"
+            )
+
+
+@dataclass
+class CollectorStats:
+    received: int = 0
+    duplicates: int = 0
+    taken: int = 0
+    shm_received: int = 0
+    held_bytes: int = 0
+    held_samples: int = 0
+    rejected: Counter = field(default_factory=Counter)
+
+
+class _Budget:
+    """Bytes held by received samples, released by finalizers when the consumer frees the views."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self._lock = threading.Lock()
+
+    def acquire(self, nbytes: int) -> None:
+        with self._lock:
+            self.held += nbytes
+
+    def release(self, nbytes: int) -> None:
+        with self._lock:
+            self.held -= nbytes
+
+    def spent(self) -> bool:
+        return self.held >= self.limit
+
+
+class RoutingCollector:
+    """Receives routing for one trainer rank. ``address`` is the endpoint senders connect to."""
+
+    def __init__(self, config: CollectorConfig | None = None) -> None:
+        self.config = config or CollectorConfig()
+        self.epoch = secrets.token_hex(8)
+        self._context = zmq.Context()
+        self._stats = CollectorStats()
+        self._budget = _Budget(self.config.budget_bytes)
+        self._ready: dict[str, RoutingSample] = {}
+        self._taken: OrderedDict[str, None] = OrderedDict()
+        self._cond = threading.Condition()
+        self._outbox: list[tuple[bytes, bytes]] = []  # (identity, ack) queued by consumer threads
+        self._owner: dict[str, bytes] = {}  # key -> sender identity, for acknowledgements
+        self._auth = None
+        self._socket = self._context.socket(zmq.ROUTER)
+        self._socket.linger = self.config.linger_ms
+        self._socket.maxmsgsize = self.config.max_message_bytes + wf.MAX_HEADER_BYTES
+        if self.config.curve is not None:
+            self._auth = secure_server(self._context, self._socket, self.config.curve, self._count_unauthenticated)
+        self._socket.bind(self.config.bind)
+        self.address: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._wake_pull = self._context.socket(zmq.PULL)
+        self._wake_pull.bind(f"inproc://wake-{self.epoch}")
+        self._wake_push = self._context.socket(zmq.PUSH)
+        self._wake_push.connect(f"inproc://wake-{self.epoch}")
+        self._wake_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"routing-collector-{self.epoch}", daemon=True)
+        self._thread.start()
+
+    # ---- consumer API -------------------------------------------------------------------------
+
+    def get(self, key: str, timeout: float, token_ids: Sequence[int] | None = None) -> RoutingSample:
+        """The routing of ``key``, waiting up to ``timeout`` seconds (MissingRoutingKeys after)."""
+        tokens = None if token_ids is None else {key: token_ids}
+        return self.take([key], timeout, tokens)[key]
+
+    def take(self, keys: Iterable[str], timeout: float,
+             token_ids: Mapping[str, Sequence[int]] | None = None) -> dict[str, RoutingSample]:
+        """The routing of every key, waiting up to ``timeout`` seconds for all of them.
+
+        Raises MissingRoutingKeys naming the keys still missing (the present ones stay held), or
+        TokenMismatchError when ``token_ids`` is given and a sample was recorded for other tokens
+        (those samples are refused and reported back to the sender).
+        """
+        keys = list(keys)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                missing = [k for k in keys if k not in self._ready]
+                if not missing:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise MissingRoutingKeys(missing, timeout)
+                self._cond.wait(remaining)
+            samples = {k: self._ready.pop(k) for k in keys}
+            mismatched = self._check_tokens(samples, token_ids)
+            for key in keys:
+                self._remember_taken(key)
+        for key in keys:
+            ack = wf.Rejected(key, "token_mismatch") if key in mismatched else wf.Taken(key, self.epoch)
+            self._queue_ack(key, ack)
+        if mismatched:
+            raise TokenMismatchError("; ".join(mismatched.values()))
+        return samples
+
+    def stats(self) -> CollectorStats:
+        with self._cond:
+            return CollectorStats(
+                received=self._stats.received, duplicates=self._stats.duplicates, taken=self._stats.taken,
+                shm_received=self._stats.shm_received, held_bytes=self._budget.held,
+                held_samples=len(self._ready), rejected=Counter(self._stats.rejected),
+            )
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake()
+        self._thread.join()
+        for sock in (self._socket, self._wake_pull, self._wake_push):
+            sock.close()
+        if self._auth is not None:
+            self._auth.stop()
+        self._context.term()
+
+    def __enter__(self) -> RoutingCollector:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- collector thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._wake_pull, zmq.POLLIN)
+        reading = False
+        while not self._stop.is_set():
+            if reading != (not self._budget.spent()):  # back-pressure: stop reading while over budget
+                reading = not reading
+                if reading:
+                    poller.register(self._socket, zmq.POLLIN)
+                else:
+                    poller.unregister(self._socket)
+            events = dict(poller.poll(50))
+            if self._wake_pull in events:
+                while self._wake_pull.poll(0):
+                    self._wake_pull.recv()
+            self._flush_outbox()
+            if reading and self._socket in events:
+                for _ in range(64):  # bounded burst, then re-check budget and outbox
+                    try:
+                        frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self._handle(frames)
+                    if self._budget.spent():
+                        break
+        self._flush_outbox()
+
+    def _handle(self, frames: list[zmq.Frame]) -> None:
+        identity, body = frames[0].bytes, frames[1:]
+        key = None
+        try:
+            if not body:
+                raise wf.WireFormatError("truncated", "message without a header frame")
+            message = wf.decode_to_collector(body[0].buffer)
+            if isinstance(message, wf.Ping):
+                self._send(identity, wf.Pong(message.nonce, self.epoch, self._probe_ok(message)))
+                return
+            key = message.key
+            self._accept(identity, message, body[1:])
+        except wf.WireFormatError as exc:
+            self._reject(identity, key, exc.reason, str(exc))
+
+    def _accept(self, identity: bytes, header: wf.RoutingHeader, frames: list[zmq.Frame]) -> None:
+        header.validate(min(self.config.max_message_bytes, self.config.budget_bytes))
+        with self._cond:
+            duplicate = header.key in self._ready or header.key in self._taken
+            was_taken = header.key in self._taken
+        if duplicate:  # at-least-once delivery: acknowledge again, deliver once
+            self._stats.duplicates += 1
+            self._send(identity, wf.Taken(header.key, self.epoch) if was_taken else wf.Received(header.key, self.epoch))
+            if header.shm is not None:
+                shm.unlink(header.shm)
+            return
+        sample = self._build_sample(header, frames)
+        with self._cond:
+            self._ready[header.key] = sample
+            self._owner[header.key] = identity
+            self._stats.received += 1
+            self._cond.notify_all()
+        self._send(identity, wf.Received(header.key, self.epoch))
+
+    def _build_sample(self, header: wf.RoutingHeader, frames: list[zmq.Frame]) -> RoutingSample:
+        payload_len, mask_len = header.payload_bytes, header.mask_bytes
+        if header.shm is not None:
+            if frames:
+                raise wf.WireFormatError("frames", f"{len(frames)} payload frames beside a shared-memory segment")
+            try:
+                mapped = shm.map_and_unlink(header.shm, payload_len + mask_len)
+            except (OSError, ValueError) as exc:
+                raise wf.WireFormatError("shm", f"cannot map {header.shm}: {exc}") from None
+            whole = memoryview(mapped)
+            payload, mask = whole[:payload_len], whole[payload_len : payload_len + mask_len]
+            self._stats.shm_received += 1
+        else:
+            want = 2 if mask_len else 1
+            if len(frames) != want:
+                raise wf.WireFormatError("frames", f"{len(frames)} payload frames, the header announces {want}")
+            payload, mask = frames[0].buffer, frames[1].buffer if mask_len else memoryview(b"")
+            if len(payload) != payload_len or len(mask) != mask_len:
+                raise wf.WireFormatError(
+                    "truncated", f"payload {len(payload)} + mask {len(mask)} bytes, header says {payload_len} + {mask_len}"
+                )
+        if wf.checksum(payload, mask) != header.checksum:
+            raise wf.WireFormatError("checksum", f"payload of {header.key!r} does not match its checksum")
+        routing = self._view(payload, np.uint8 if header.dtype == "uint8" else np.int16, header.shape)
+        valid = self._view(mask, np.bool_, (header.rows, header.layers)) if mask_len else None
+        return RoutingSample(header, routing, valid, payload)
+
+    def _view(self, buffer: memoryview, dtype: type, shape: tuple[int, ...]) -> torch.Tensor:
+        array = np.frombuffer(buffer, dtype=dtype).reshape(shape)
+        # The budget is released when the last view of this memory is gone, wherever the consumer
+        # keeps it: torch tensors share the array's storage and keep it alive.
+        self._budget.acquire(array.nbytes)
+        weakref.finalize(array, self._released, array.nbytes)
+        return torch.from_numpy(array)
+
+    def _released(self, nbytes: int) -> None:
+        self._budget.release(nbytes)
+        if not self._stop.is_set():
+            self._wake()  # reading may resume
+
+    def _check_tokens(self, samples: dict[str, RoutingSample],
+                      token_ids: Mapping[str, Sequence[int]] | None) -> dict[str, str]:
+        mismatched: dict[str, str] = {}
+        for key, sample in samples.items():
+            if token_ids is None or key not in token_ids:
+                continue
+            try:
+                sample.check_tokens(token_ids[key])
+            except TokenMismatchError as exc:
+                mismatched[key] = str(exc)
+        self._stats.taken += len(samples) - len(mismatched)
+        if mismatched:
+            self._stats.rejected["token_mismatch"] += len(mismatched)
+        return mismatched
+
+    def _remember_taken(self, key: str) -> None:
+        self._taken[key] = None
+        while len(self._taken) > self.config.remember_taken:
+            self._taken.popitem(last=False)
+
+    def _probe_ok(self, ping: wf.Ping) -> bool:
+        return ping.shm_probe is not None and shm.read_probe(ping.shm_probe) == ping.nonce.to_bytes(8, "little")
+
+    def _reject(self, identity: bytes, key: str | None, reason: str, detail: str) -> None:
+        with self._cond:
+            self._stats.rejected[reason] += 1
+            count = self._stats.rejected[reason]
+        if count <= 10 or count % 100 == 0:  # rate-limited: a flood of garbage must not flood the log
+            log.warning("routing collector %s rejected a message (%s, #%d): %s", self.address, reason, count, detail)
+        if key is not None:
+            self._send(identity, wf.Rejected(key, reason))
+
+    def _count_unauthenticated(self) -> None:
+        with self._cond:
+            self._stats.rejected["unauthenticated"] += 1
+
+    def _send(self, identity: bytes, message) -> None:
+        try:
+            self._socket.send_multipart([identity, wf.encode(message)], zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # the sender is gone or stalled: it resends, and acks are idempotent
+
+    def _queue_ack(self, key: str, message) -> None:
+        with self._cond:
+            identity = self._owner.pop(key, None)
+            if identity is not None:
+                self._outbox.append((identity, wf.encode(message)))
+        self._wake()
+
+    def _flush_outbox(self) -> None:
+        with self._cond:
+            outbox, self._outbox = self._outbox, []
+        for identity, ack in outbox:
+            try:
+                self._socket.send_multipart([identity, ack], zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+
+    def _wake(self) -> None:
+        with self._wake_lock:
+            try:
+                self._wake_push.send(b"", zmq.NOBLOCK)
+            except (zmq.Again, zmq.ZMQError):
+                pass

@@ -1,0 +1,205 @@
+"""The routing wire format, version 1.
+
+Every message is one ZMQ multipart message. Its first frame is a msgpack map (encoded with
+msgspec) whose ``type`` field names the message; routing messages are followed by raw payload
+frames. No pickle is used anywhere. Byte order is little-endian throughout.
+
+Routing message (sender -> collector), frame 0 is a ``RoutingHeader``:
+
+============== ======== ==================================================================
+field          type     meaning
+============== ======== ==================================================================
+type           str      ``"routing"``
+version        int      format version, ``1``; a collector rejects any other
+key            str      sample key (1..1024 UTF-8 bytes), unique per sample; de-duplication
+                        and acknowledgements are by key
+weight_version str      the inference engine's weight version that produced the routing
+num_layers     int      routed (MoE) layers of the model, L
+layer_start    int      first layer carried (pipeline stages take a slice), 0 <= start
+layer_stop     int      one past the last layer carried, start < stop <= L
+top_k          int      experts per token, 1 <= K <= num_experts
+num_experts    int      experts per layer, E (1..32768)
+dtype          str      ``"uint8"`` when E <= 256, else ``"int16"`` (exactly that rule)
+rows           int      tokens carried, R >= 0
+start          int      sequence position of the first row (multi-turn: rows start there)
+num_tokens     int      length of the token sequence the rows belong to; start + R <= it
+token_hash     int      xxh3_64 (seed 0) of the sequence's token ids as little-endian int32
+payload_bytes  int      R * (stop - start) * K * itemsize
+mask_bytes     int      0 when every (row, layer) is present, else R * (stop - start)
+checksum       int      xxh3_64 (seed 0) of the payload bytes followed by the mask bytes
+shm            str|nil  name of a shared-memory segment under /dev/shm holding payload then
+                        mask (same-host fast path); nil when they travel as frames
+============== ======== ==================================================================
+
+Frames after the header: when ``shm`` is nil, frame 1 is the payload, ``[R, stop - start, K]``
+C-order ids of ``dtype``; frame 2, present only when ``mask_bytes > 0``, is ``[R, stop - start]``
+bytes, 1 where that (row, layer) was recorded. When ``shm`` is set there are no further frames.
+
+Control messages (frame 0 only):
+
+- ``ping`` (sender -> collector): ``nonce`` int, ``shm_probe`` str|nil (a /dev/shm segment holding
+  the nonce's 8 bytes, so the collector can prove it shares the sender's /dev/shm).
+- ``pong`` (collector -> sender): ``nonce``, ``epoch`` str (random per collector start; a new
+  epoch tells the sender to resend everything not yet taken), ``shm_ok`` bool.
+- ``received`` / ``taken`` (collector -> sender): ``key``, ``epoch``. ``received``: validated and
+  held; ``taken``: handed to the consumer (the sender may then release it).
+- ``rejected`` (collector -> sender): ``key``, ``reason``; the sample will not be delivered.
+
+Limits: a header frame is at most 64 KiB; a collector refuses payloads above its
+``max_message_bytes`` and sets ZMQ's MAXMSGSIZE so oversized frames never reach memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Union
+
+import msgspec
+import numpy as np
+import torch
+import xxhash
+
+FORMAT_VERSION = 1
+MAX_HEADER_BYTES = 64 * 1024
+MAX_KEY_BYTES = 1024
+_UINT8_MAX_EXPERTS = 256
+_MAX_EXPERTS = 32768
+DTYPES = {"uint8": torch.uint8, "int16": torch.int16}
+
+
+class WireFormatError(ValueError):
+    """A message does not follow the wire format; ``reason`` is a short machine-readable tag."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+class RoutingHeader(msgspec.Struct, tag="routing", tag_field="type", forbid_unknown_fields=True):
+    version: int
+    key: str
+    weight_version: str
+    num_layers: int
+    layer_start: int
+    layer_stop: int
+    top_k: int
+    num_experts: int
+    dtype: str
+    rows: int
+    start: int
+    num_tokens: int
+    token_hash: int
+    payload_bytes: int
+    mask_bytes: int
+    checksum: int
+    shm: Union[str, None] = None
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def layers(self) -> int:
+        return self.layer_stop - self.layer_start
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.rows, self.layers, self.top_k)
+
+    def validate(self, max_payload_bytes: int) -> None:
+        """Raises WireFormatError when the header is inconsistent or exceeds ``max_payload_bytes``."""
+        if self.version != FORMAT_VERSION:
+            raise WireFormatError("version", f"format version {self.version}, this collector reads {FORMAT_VERSION}")
+        if not self.key or len(self.key.encode()) > MAX_KEY_BYTES:
+            raise WireFormatError("key", f"key must be 1..{MAX_KEY_BYTES} bytes")
+        if not 1 <= self.num_experts <= _MAX_EXPERTS or not 1 <= self.top_k <= self.num_experts:
+            raise WireFormatError("layout", f"top_k {self.top_k} of num_experts {self.num_experts}")
+        want = "uint8" if self.num_experts <= _UINT8_MAX_EXPERTS else "int16"
+        if self.dtype != want:
+            raise WireFormatError("dtype", f"dtype {self.dtype!r} for {self.num_experts} experts, expected {want!r}")
+        if not 0 <= self.layer_start < self.layer_stop <= self.num_layers:
+            raise WireFormatError("layout", f"layers [{self.layer_start}, {self.layer_stop}) of {self.num_layers}")
+        if self.rows < 0 or self.start < 0 or self.start + self.rows > self.num_tokens:
+            raise WireFormatError("rows", f"rows {self.rows} from {self.start} exceed {self.num_tokens} tokens")
+        itemsize = 1 if self.dtype == "uint8" else 2
+        if self.payload_bytes != self.rows * self.layers * self.top_k * itemsize:
+            raise WireFormatError("payload_bytes", f"{self.payload_bytes} does not match shape {self.shape}")
+        if self.mask_bytes not in (0, self.rows * self.layers):
+            raise WireFormatError("mask_bytes", f"{self.mask_bytes}, expected 0 or {self.rows * self.layers}")
+        if self.payload_bytes + self.mask_bytes > max_payload_bytes:
+            raise WireFormatError(
+                "oversized", f"{self.payload_bytes + self.mask_bytes} bytes exceed the limit of {max_payload_bytes}"
+            )
+
+
+class Ping(msgspec.Struct, tag="ping", tag_field="type", forbid_unknown_fields=True):
+    nonce: int
+    shm_probe: Union[str, None] = None
+
+
+class Pong(msgspec.Struct, tag="pong", tag_field="type", forbid_unknown_fields=True):
+    nonce: int
+    epoch: str
+    shm_ok: bool
+
+
+class Received(msgspec.Struct, tag="received", tag_field="type", forbid_unknown_fields=True):
+    key: str
+    epoch: str
+
+
+class Taken(msgspec.Struct, tag="taken", tag_field="type", forbid_unknown_fields=True):
+    key: str
+    epoch: str
+
+
+class Rejected(msgspec.Struct, tag="rejected", tag_field="type", forbid_unknown_fields=True):
+    key: str
+    reason: str
+
+
+ToCollector = Union[RoutingHeader, Ping]
+ToSender = Union[Pong, Received, Taken, Rejected]
+
+_encoder = msgspec.msgpack.Encoder()
+_collector_decoder = msgspec.msgpack.Decoder(ToCollector)
+_sender_decoder = msgspec.msgpack.Decoder(ToSender)
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode_to_collector(frame: bytes | memoryview) -> RoutingHeader | Ping:
+    if len(frame) > MAX_HEADER_BYTES:
+        raise WireFormatError("header", f"header frame of {len(frame)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        return _collector_decoder.decode(frame)
+    except msgspec.DecodeError as exc:
+        raise WireFormatError("header", str(exc)) from None
+
+
+def decode_to_sender(frame: bytes | memoryview) -> Pong | Received | Taken | Rejected:
+    try:
+        return _sender_decoder.decode(frame)
+    except msgspec.DecodeError as exc:
+        raise WireFormatError("control", str(exc)) from None
+
+
+def token_hash(token_ids: Sequence[int] | torch.Tensor | np.ndarray) -> int:
+    """xxh3_64 of the token ids as little-endian int32: identifies the exact token sequence."""
+    if isinstance(token_ids, torch.Tensor):
+        token_ids = token_ids.cpu().numpy()
+    return xxhash.xxh3_64_intdigest(np.ascontiguousarray(token_ids, dtype="<i4").tobytes())
+
+
+def checksum(*buffers: memoryview | bytes) -> int:
+    """xxh3_64 of the buffers in order (payload, then mask)."""
+    h = xxhash.xxh3_64()
+    for buffer in buffers:
+        h.update(buffer)
+    return h.intdigest()
+
+
+def storage_dtype_name(num_experts: int) -> str:
+    return "uint8" if num_experts <= _UINT8_MAX_EXPERTS else "int16"

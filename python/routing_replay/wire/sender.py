@@ -1,0 +1,399 @@
+"""RoutingSender: ships routing to the collector of the rank that trains on each sample.
+
+``send`` only validates and enqueues; a background thread owns the sockets (one DEALER per
+collector), computes checksums, and sends without copying (``copy=False``), or, when the
+collector shares this host's /dev/shm, writes the payload into a shared segment and sends only
+the header. Queued bytes are bounded: everything not yet taken by the consumer counts, and
+``send`` blocks (or raises SenderFull with ``block=False``) while the bound is reached.
+
+Delivery is acknowledged by the application, not by the socket: a message is kept until its
+collector reports it ``taken`` by the consumer. It is resent when no ``received`` comes within
+``ack_timeout_s``, and everything not yet taken is resent when a collector answers a heartbeat
+with a new epoch (it restarted). Collectors de-duplicate by key, so delivery is at-least-once on
+the wire and exactly-once to the consumer. A sample that is rejected, or not taken within
+``give_up_after_s``, fails its Delivery futures and is logged: nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import zmq
+
+from routing_replay.wire import format as wf
+from routing_replay.wire import shm
+from routing_replay.wire.security import CurveClient, secure_client
+
+log = logging.getLogger("routing_replay.wire")
+
+
+class SenderFull(RuntimeError):
+    """The sender's byte bound is reached (samples not yet taken by their consumers)."""
+
+
+class DeliveryError(RuntimeError):
+    """A sample will not reach its consumer; the message says why."""
+
+
+@dataclass(frozen=True)
+class SenderConfig:
+    max_queued_bytes: int = 2 << 30
+    """Bytes of routing held until taken by the consumer; ``send`` waits while it is reached."""
+    ack_timeout_s: float = 10.0
+    """Resend a message whose collector has not acknowledged receipt within this time."""
+    give_up_after_s: float = 3600.0
+    """Fail a delivery not taken by the consumer within this time."""
+    heartbeat_s: float = 1.0
+    """Ping interval per collector (handshake, shared-memory probe, restart detection)."""
+    shared_memory: bool = True
+    """Use the same-host fast path where the collector can read this host's /dev/shm."""
+    shm_min_bytes: int = 64 << 10
+    """Smaller payloads travel as frames: a segment costs more than it saves."""
+    curve: CurveClient | None = None
+    """CURVE client keys (see routing_replay.wire.security)."""
+    send_hwm: int = 1000
+    """ZMQ high-water mark (messages) per collector socket."""
+
+
+@dataclass(frozen=True)
+class RoutingMeta:
+    """What the trainer needs to know about one sample's routing besides the ids themselves."""
+
+    key: str
+    num_experts: int
+    num_tokens: int
+    """Length of the token sequence the rows belong to."""
+    token_hash: int
+    """``routing_replay.wire.format.token_hash`` of that sequence's token ids."""
+    start: int = 0
+    """Sequence position of the first row."""
+    weight_version: str = ""
+
+
+@dataclass
+class Delivery:
+    """Futures of one sample's delivery to one collector."""
+
+    key: str
+    destination: str
+    received: Future = field(default_factory=Future)
+    taken: Future = field(default_factory=Future)
+
+
+@dataclass
+class _Outgoing:
+    header: wf.RoutingHeader
+    payload: np.ndarray
+    mask: np.ndarray | None
+    delivery: Delivery
+    nbytes: int
+    created: float
+    sent_at: float | None = None
+    received_epoch: str | None = None
+    shm_name: str | None = None
+
+
+@dataclass
+class _Destination:
+    address: str
+    socket: zmq.Socket
+    epoch: str | None = None
+    shm_ok: bool = False
+    next_ping: float = 0.0
+    nonce: int = 0
+    probe: str | None = None
+
+
+class RoutingSender:
+    def __init__(self, config: SenderConfig | None = None) -> None:
+        self.config = config or SenderConfig()
+        self._context = zmq.Context()
+        self._cond = threading.Condition()
+        self._incoming: collections.deque[_Outgoing] = collections.deque()
+        self._queued_bytes = 0
+        self._pending: dict[tuple[str, str], _Outgoing] = {}  # (destination, key) -> message
+        self._destinations: dict[str, _Destination] = {}
+        self._nonces = itertools.count(1)
+        self._wake_address = f"inproc://sender-wake-{id(self)}"
+        self._wake_pull = self._context.socket(zmq.PULL)
+        self._wake_pull.bind(self._wake_address)
+        self._wake_push = self._context.socket(zmq.PUSH)
+        self._wake_push.connect(self._wake_address)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="routing-sender", daemon=True)
+        self._thread.start()
+
+    # ---- producer API -------------------------------------------------------------------------
+
+    def send(self, meta: RoutingMeta, routing: torch.Tensor, destination: str, *,
+             valid: torch.Tensor | None = None, layers: tuple[int, int] | None = None,
+             block: bool = True, timeout: float | None = None) -> Delivery:
+        """Queues ``routing`` ``[rows, L, K]`` (CPU, the storage dtype of ``meta.num_experts``) for
+        the collector at ``destination``; returns at once unless the byte bound is reached.
+
+        ``valid`` ``[rows, L]`` bool marks recorded positions (None: all). ``layers=(a, b)`` sends
+        only layers ``a..b-1`` (a pipeline stage's slice; costs one copy of the slice).
+        """
+        outgoing = self._prepare(meta, routing, valid, layers)
+        outgoing.delivery.destination = destination
+        with self._cond:
+            if outgoing.nbytes > self.config.max_queued_bytes:
+                raise SenderFull(f"{meta.key!r}: {outgoing.nbytes} bytes exceed max_queued_bytes")
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while self._queued_bytes + outgoing.nbytes > self.config.max_queued_bytes:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if not block or (remaining is not None and remaining <= 0):
+                    raise SenderFull(
+                        f"{meta.key!r}: {self._queued_bytes} bytes are awaiting their consumers "
+                        f"(max_queued_bytes={self.config.max_queued_bytes})"
+                    )
+                self._cond.wait(remaining)
+            self._queued_bytes += outgoing.nbytes
+            self._incoming.append(outgoing)
+        self._wake()
+        return outgoing.delivery
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued_bytes
+
+    def flush(self, timeout: float) -> None:
+        """Waits until every sample sent so far is taken (or failed); TimeoutError otherwise."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._queued_bytes:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"{self._queued_bytes} bytes of routing still awaiting their consumers")
+                self._cond.wait(remaining)
+
+    def close(self) -> None:
+        """Stops the thread; deliveries not yet taken fail with DeliveryError."""
+        self._stop.set()
+        self._wake()
+        self._thread.join()
+        for message in list(self._pending.values()) + list(self._incoming):
+            self._finish(message, DeliveryError(f"{message.header.key!r}: sender closed before it was taken"))
+        for dest in self._destinations.values():
+            if dest.probe:
+                shm.unlink(dest.probe)
+            dest.socket.close(linger=0)
+        self._wake_pull.close()
+        self._wake_push.close()
+        self._context.term()
+
+    def __enter__(self) -> RoutingSender:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- preparation (producer thread) --------------------------------------------------------
+
+    def _prepare(self, meta: RoutingMeta, routing: torch.Tensor, valid: torch.Tensor | None,
+                 layers: tuple[int, int] | None) -> _Outgoing:
+        dtype_name = wf.storage_dtype_name(meta.num_experts)
+        if not isinstance(routing, torch.Tensor) or routing.dim() != 3:
+            raise ValueError(f"{meta.key!r}: routing must be a [rows, layers, top_k] tensor")
+        if routing.dtype != wf.DTYPES[dtype_name] or routing.device.type != "cpu":
+            raise ValueError(f"{meta.key!r}: routing must be a CPU {dtype_name} tensor for "
+                             f"{meta.num_experts} experts, got {routing.dtype} on {routing.device}")
+        rows, num_layers, top_k = routing.shape
+        start, stop = layers if layers is not None else (0, num_layers)
+        if not 0 <= start < stop <= num_layers:
+            raise ValueError(f"{meta.key!r}: layers {layers} outside 0..{num_layers}")
+        payload = routing[:, start:stop].contiguous().numpy()
+        mask = None
+        if valid is not None:
+            if valid.shape != (rows, num_layers) or valid.dtype != torch.bool:
+                raise ValueError(f"{meta.key!r}: valid must be a [{rows}, {num_layers}] bool tensor")
+            sliced = valid[:, start:stop]
+            mask = None if bool(sliced.all()) else sliced.contiguous().numpy()
+        header = wf.RoutingHeader(
+            version=wf.FORMAT_VERSION, key=meta.key, weight_version=meta.weight_version, num_layers=num_layers,
+            layer_start=start, layer_stop=stop, top_k=top_k, num_experts=meta.num_experts, dtype=dtype_name,
+            rows=rows, start=meta.start, num_tokens=meta.num_tokens, token_hash=meta.token_hash,
+            payload_bytes=payload.nbytes, mask_bytes=0 if mask is None else mask.nbytes, checksum=0,
+        )
+        header.validate(max_payload_bytes=self.config.max_queued_bytes)
+        delivery = Delivery(meta.key, "")
+        return _Outgoing(header, payload, mask, delivery, header.payload_bytes + header.mask_bytes, time.monotonic())
+
+    # ---- sender thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._wake_pull, zmq.POLLIN)
+        while not self._stop.is_set():
+            events = dict(poller.poll(self._poll_timeout_ms()))
+            if self._wake_pull in events:
+                while self._wake_pull.poll(0):
+                    self._wake_pull.recv()
+            self._admit_incoming(poller)
+            for dest in self._destinations.values():
+                if dest.socket in events:
+                    self._read_acks(dest)
+            self._tick()
+
+    def _poll_timeout_ms(self) -> int:
+        return int(1000 * min(self.config.heartbeat_s, self.config.ack_timeout_s, 0.25))
+
+    def _admit_incoming(self, poller: zmq.Poller) -> None:
+        while True:
+            with self._cond:
+                if not self._incoming:
+                    return
+                message = self._incoming.popleft()
+            payload_view = memoryview(message.payload).cast("B")
+            mask_view = memoryview(message.mask).cast("B") if message.mask is not None else memoryview(b"")
+            message.header.checksum = wf.checksum(payload_view, mask_view)
+            dest = self._destination(message.delivery.destination, poller)
+            slot = (dest.address, message.header.key)
+            if slot in self._pending:  # the same key again: the newer routing replaces the older
+                self._finish(self._pending.pop(slot), DeliveryError(f"{message.header.key!r}: replaced by a newer send"))
+            self._pending[slot] = message
+            if dest.epoch is not None:
+                self._transmit(dest, message)
+
+    def _destination(self, address: str, poller: zmq.Poller) -> _Destination:
+        dest = self._destinations.get(address)
+        if dest is None:
+            sock = self._context.socket(zmq.DEALER)
+            sock.linger = 0
+            sock.sndhwm = self.config.send_hwm
+            if self.config.curve is not None:
+                secure_client(sock, self.config.curve)
+            sock.connect(address)
+            poller.register(sock, zmq.POLLIN)
+            dest = self._destinations[address] = _Destination(address, sock)
+        return dest
+
+    def _transmit(self, dest: _Destination, message: _Outgoing) -> None:
+        header = message.header
+        if message.shm_name is not None:  # a resend: the collector may never have mapped it
+            shm.unlink(message.shm_name)
+            message.shm_name = None
+        frames: list = [message.payload]
+        if message.mask is not None:
+            frames.append(message.mask)
+        header.shm = None
+        if self._use_shm(dest, message.nbytes):
+            name = shm.new_name()
+            shm.write_segment(name, *(memoryview(f).cast("B") for f in frames))
+            header.shm, message.shm_name, frames = name, name, []
+        try:
+            dest.socket.send_multipart([wf.encode(header), *frames], zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return  # high-water mark: retried on the next tick
+        message.sent_at = time.monotonic()
+
+    def _use_shm(self, dest: _Destination, nbytes: int) -> bool:
+        return (self.config.shared_memory and dest.shm_ok and nbytes >= self.config.shm_min_bytes
+                and shm.free_bytes() > 2 * nbytes)
+
+    def _read_acks(self, dest: _Destination) -> None:
+        while True:
+            try:
+                frame = dest.socket.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                ack = wf.decode_to_sender(frame)
+            except wf.WireFormatError as exc:
+                log.warning("routing sender ignored a bad acknowledgement from %s: %s", dest.address, exc)
+                continue
+            if isinstance(ack, wf.Pong):
+                self._on_pong(dest, ack)
+                continue
+            message = self._pending.get((dest.address, ack.key))
+            if message is None:
+                continue  # already finished: a duplicate acknowledgement
+            if isinstance(ack, wf.Received):
+                message.received_epoch = ack.epoch
+                _resolve(message.delivery.received)
+            elif isinstance(ack, wf.Taken):
+                self._finish(self._pending.pop((dest.address, ack.key)), None)
+            else:
+                self._finish(self._pending.pop((dest.address, ack.key)),
+                             DeliveryError(f"{ack.key!r} rejected by {dest.address}: {ack.reason}"))
+
+    def _on_pong(self, dest: _Destination, pong: wf.Pong) -> None:
+        if pong.nonce != dest.nonce:
+            return  # answer to an older ping
+        restarted = dest.epoch is not None and pong.epoch != dest.epoch
+        first = dest.epoch is None
+        dest.epoch, dest.shm_ok = pong.epoch, pong.shm_ok
+        if restarted:
+            log.warning("routing collector %s restarted: resending what it had not handed over", dest.address)
+        if first or restarted:
+            for (address, _), message in self._pending.items():
+                if address == dest.address:
+                    message.received_epoch = None
+                    self._transmit(dest, message)
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        for dest in self._destinations.values():
+            if now >= dest.next_ping:
+                self._ping(dest, now)
+        for slot, message in list(self._pending.items()):
+            dest = self._destinations[slot[0]]
+            if now - message.created > self.config.give_up_after_s:
+                log.error("routing for %r was not taken by %s within %.0fs; giving up",
+                          message.header.key, dest.address, self.config.give_up_after_s)
+                self._finish(self._pending.pop(slot), DeliveryError(
+                    f"{message.header.key!r}: not taken by {dest.address} within {self.config.give_up_after_s}s"))
+            elif dest.epoch is not None and message.received_epoch is None and (
+                message.sent_at is None or now - message.sent_at > self.config.ack_timeout_s
+            ):
+                self._transmit(dest, message)
+
+    def _ping(self, dest: _Destination, now: float) -> None:
+        dest.nonce = next(self._nonces)
+        if self.config.shared_memory and shm.free_bytes() > 0:
+            if dest.probe:
+                shm.unlink(dest.probe)
+            dest.probe = shm.new_name("probe")
+            try:
+                shm.write_segment(dest.probe, memoryview(dest.nonce.to_bytes(8, "little")))
+            except OSError:
+                dest.probe = None
+        try:
+            dest.socket.send(wf.encode(wf.Ping(dest.nonce, dest.probe)), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+        dest.next_ping = now + self.config.heartbeat_s
+
+    def _finish(self, message: _Outgoing, error: Exception | None) -> None:
+        if message.shm_name is not None:
+            shm.unlink(message.shm_name)
+        if error is None:
+            _resolve(message.delivery.received)
+            _resolve(message.delivery.taken)
+        else:
+            for future in (message.delivery.received, message.delivery.taken):
+                if not future.done():
+                    future.set_exception(error)
+        with self._cond:
+            self._queued_bytes -= message.nbytes
+            self._cond.notify_all()
+
+    def _wake(self) -> None:
+        with self._cond:
+            try:
+                self._wake_push.send(b"", zmq.NOBLOCK)
+            except (zmq.Again, zmq.ZMQError):
+                pass
+
+
+def _resolve(future: Future) -> None:
+    if not future.done():
+        future.set_result(None)
