@@ -1,0 +1,363 @@
+"""Real ZMQ sockets on 127.0.0.1: sender -> collector round trips, zero copy, failures, security."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import textwrap
+import time
+
+import msgspec
+import numpy as np
+import pytest
+import torch
+import zmq
+
+from routing_replay.wire import (
+    CollectorConfig,
+    CurveClient,
+    CurveServer,
+    DeliveryError,
+    MissingRoutingKeys,
+    RoutingCollector,
+    RoutingMeta,
+    RoutingSender,
+    SenderConfig,
+    SenderFull,
+    TokenMismatchError,
+    generate_keypair,
+    token_hash,
+)
+from routing_replay.wire import format as wf
+from routing_replay.wire import shm
+
+FAST = dict(ack_timeout_s=1.0, heartbeat_s=0.2)
+
+
+def make_routing(rows: int, layers: int, top_k: int, experts: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    dtype = torch.uint8 if experts <= 256 else torch.int16
+    return torch.randint(0, experts, (rows, layers, top_k), generator=gen).to(dtype)
+
+
+def meta_for(key: str, routing: torch.Tensor, experts: int, tokens: list[int] | None = None) -> RoutingMeta:
+    tokens = tokens if tokens is not None else list(range(routing.shape[0] + 1))
+    return RoutingMeta(key=key, num_experts=experts, num_tokens=len(tokens), token_hash=token_hash(tokens))
+
+
+def address_of(view: memoryview) -> int:
+    return np.frombuffer(view, dtype=np.uint8).ctypes.data
+
+
+@pytest.fixture
+def collector():
+    with RoutingCollector() as c:
+        yield c
+
+
+@pytest.fixture
+def sender():
+    with RoutingSender(SenderConfig(**FAST)) as s:
+        yield s
+
+
+@pytest.mark.parametrize("shared_memory", [False, True], ids=["socket", "shm"])
+@pytest.mark.parametrize(
+    ("rows", "layers", "top_k", "experts"),
+    [(1, 1, 1, 2), (37, 3, 2, 8), (513, 48, 8, 128), (129, 5, 8, 512), (64, 61, 8, 256)],
+)
+def test_round_trip_is_exact_and_zero_copy(collector, rows, layers, top_k, experts, shared_memory):
+    routing = make_routing(rows, layers, top_k, experts)
+    with RoutingSender(SenderConfig(shared_memory=shared_memory, shm_min_bytes=0, **FAST)) as s:
+        delivery = s.send(meta_for("k", routing, experts), routing, collector.address)
+        sample = collector.get("k", timeout=10)
+        assert torch.equal(sample.routing, routing)
+        assert sample.valid is None
+        assert sample.routing.data_ptr() == address_of(sample.source)  # a view of the received memory
+        if shared_memory:
+            assert collector.stats().shm_received == 1
+        else:
+            assert isinstance(sample.source.obj, zmq.Frame)  # libzmq's message buffer itself
+        delivery.taken.result(timeout=10)
+        assert s.queued_bytes == 0
+
+
+@pytest.mark.parametrize("shared_memory", [False, True], ids=["socket", "shm"])
+def test_over_100_mb_round_trip(collector, shared_memory):
+    routing = make_routing(64 * 4096 + 7, 48, 8, 128, seed=1)  # > 100 MB as uint8
+    assert routing.numel() > 100e6
+    with RoutingSender(SenderConfig(shared_memory=shared_memory, **FAST)) as s:
+        s.send(meta_for("big", routing, 128), routing, collector.address)
+        sample = collector.get("big", timeout=60)
+        assert sample.routing.data_ptr() == address_of(sample.source)
+        assert torch.equal(sample.routing, routing)
+
+
+def test_missing_rows_travel_as_a_mask(collector, sender):
+    routing = make_routing(20, 4, 2, 8)
+    valid = torch.ones(20, 4, dtype=torch.bool)
+    valid[5:9, 2] = False
+    sender.send(meta_for("masked", routing, 8), routing, collector.address, valid=valid)
+    sample = collector.get("masked", timeout=10)
+    assert torch.equal(sample.valid, valid)
+    assert torch.equal(sample.routing, routing)
+
+
+def test_pipeline_stage_receives_only_its_layer_range(sender):
+    routing = make_routing(16, 8, 2, 8)
+    with RoutingCollector() as stage0, RoutingCollector() as stage1:
+        sender.send(meta_for("s", routing, 8), routing, stage0.address, layers=(0, 5))
+        sender.send(meta_for("s", routing, 8), routing, stage1.address, layers=(5, 8))
+        first, second = stage0.get("s", timeout=10), stage1.get("s", timeout=10)
+    assert (first.header.layer_start, first.header.layer_stop, first.header.num_layers) == (0, 5, 8)
+    assert torch.equal(first.routing, routing[:, :5])
+    assert torch.equal(second.routing, routing[:, 5:])
+
+
+def test_each_rank_receives_only_the_samples_it_owns(sender):
+    with RoutingCollector() as rank0, RoutingCollector() as rank1:
+        owner = {f"prompt{g}-sample{i}": (rank0, rank1)[g % 2] for g in range(6) for i in range(3)}
+        expected = {}
+        for n, (key, rank) in enumerate(owner.items()):
+            expected[key] = make_routing(10 + n, 4, 2, 8, seed=n)
+            sender.send(meta_for(key, expected[key], 8), expected[key], rank.address)
+        for rank in (rank0, rank1):
+            mine = [k for k, r in owner.items() if r is rank]
+            got = rank.take(mine, timeout=10)
+            assert all(torch.equal(got[k].routing, expected[k]) for k in mine)
+            time.sleep(0.2)
+            stats = rank.stats()
+            assert stats.received == len(mine) and stats.held_samples == 0  # nothing else arrived
+
+
+def test_missing_keys_time_out_naming_them(collector, sender):
+    routing = make_routing(3, 2, 2, 8)
+    sender.send(meta_for("present", routing, 8), routing, collector.address)
+    with pytest.raises(MissingRoutingKeys, match="2 key\\(s\\) after 0.3s: 'absent-1', 'absent-2'") as info:
+        collector.take(["present", "absent-1", "absent-2"], timeout=0.3)
+    assert info.value.keys == ["absent-1", "absent-2"]
+    assert collector.get("present", timeout=5).routing.shape == (3, 2, 2)  # the present one was kept
+
+
+def test_token_hash_mismatch_is_refused_and_reported_to_the_sender(collector, sender):
+    tokens = [5, 6, 7, 8]
+    routing = make_routing(3, 2, 2, 8)
+    delivery = sender.send(meta_for("t", routing, 8, tokens), routing, collector.address)
+    with pytest.raises(TokenMismatchError, match="re-tokenised or trimmed"):
+        collector.get("t", timeout=10, token_ids=[5, 6, 7, 9])
+    with pytest.raises(DeliveryError, match="token_mismatch"):
+        delivery.taken.result(timeout=10)
+    ok = sender.send(meta_for("u", routing, 8, tokens), routing, collector.address)
+    assert collector.get("u", timeout=10, token_ids=tokens).header.token_hash == token_hash(tokens)
+    ok.taken.result(timeout=10)
+
+
+def test_collector_restart_loses_nothing_and_duplicates_nothing():
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    routings = {f"k{i}": make_routing(5 + i, 3, 2, 8, seed=i) for i in range(8)}
+    with RoutingSender(SenderConfig(**FAST)) as sender:
+        first = RoutingCollector(CollectorConfig(bind=address))
+        deliveries = {k: sender.send(meta_for(k, r, 8), r, address) for k, r in list(routings.items())[:5]}
+        taken_before = first.take(["k0", "k1"], timeout=10)
+        for k in ("k2", "k3", "k4"):
+            deliveries[k].received.result(timeout=10)  # held by the first collector, not yet taken
+        deliveries["k0"].taken.result(timeout=10)
+        deliveries["k1"].taken.result(timeout=10)
+        first.close()  # dies holding k2..k4
+        for k, r in list(routings.items())[5:]:  # sent while no collector is up
+            deliveries[k] = sender.send(meta_for(k, r, 8), r, address)
+        second = RoutingCollector(CollectorConfig(bind=address))
+        try:
+            rest = second.take([f"k{i}" for i in range(2, 8)], timeout=20)
+            for k, sample in {**taken_before, **rest}.items():
+                assert torch.equal(sample.routing, routings[k])
+            for d in deliveries.values():
+                d.taken.result(timeout=10)
+            time.sleep(0.5)
+            assert second.stats().held_samples == 0  # k0, k1 were not redelivered
+            with pytest.raises(MissingRoutingKeys):
+                second.take(["k0"], timeout=0.2)
+        finally:
+            second.close()
+
+
+def test_malformed_frames_are_rejected_and_valid_messages_still_arrive(collector, sender):
+    rng = random.Random(0)
+    good = make_routing(4, 2, 2, 8)
+    good_header = _header_for("fuzz", good)
+    garbage = []
+    for i in range(60):
+        garbage.append([rng.randbytes(rng.randint(0, 200))])  # random bytes
+    for i in range(60):  # valid header, mutated field
+        field, value = rng.choice([("version", 9), ("dtype", "int16"), ("rows", 99), ("payload_bytes", 3),
+                                   ("checksum", 1), ("num_layers", 1), ("top_k", 0)])
+        h = msgspec.structs.replace(good_header, key=f"bad{i}", **{field: value})
+        garbage.append([wf.encode(h), good.numpy().tobytes()])
+    for i in range(30):  # truncated payload, missing payload, extra frames
+        h = msgspec.structs.replace(good_header, key=f"trunc{i}")
+        payload = good.numpy().tobytes()
+        garbage.append(rng.choice([[wf.encode(h), payload[: rng.randint(0, len(payload) - 1)]], [wf.encode(h)],
+                                   [wf.encode(h), payload, payload, payload]]))
+    for i in range(20):  # bit flips in the payload
+        h = msgspec.structs.replace(good_header, key=f"flip{i}")
+        payload = bytearray(good.numpy().tobytes())
+        payload[rng.randrange(len(payload))] ^= 1 << rng.randrange(8)
+        garbage.append([wf.encode(h), bytes(payload)])
+    for i in range(10):  # shared-memory names that do not exist or escape /dev/shm
+        h = msgspec.structs.replace(good_header, key=f"shm{i}", shm=rng.choice(["routing-replay-x", "../etc/passwd"]))
+        garbage.append([wf.encode(h)])
+    rogue = zmq.Context.instance().socket(zmq.DEALER)
+    rogue.linger = 0
+    rogue.connect(collector.address)
+    for message in garbage:
+        rogue.send_multipart(message)
+    sender.send(meta_for("after", good, 8), good, collector.address)
+    assert torch.equal(collector.get("after", timeout=10).routing, good)
+    deadline = time.time() + 10
+    while sum(collector.stats().rejected.values()) < len(garbage) and time.time() < deadline:
+        time.sleep(0.05)
+    stats = collector.stats()
+    assert sum(stats.rejected.values()) == len(garbage), stats.rejected
+    assert stats.received == 1
+    assert {"header", "checksum", "truncated", "frames", "shm"} <= set(stats.rejected)
+    rogue.close()
+
+
+def test_budget_applies_back_pressure_until_views_are_freed():
+    routing = make_routing(1000, 10, 8, 128)  # 80 KB each
+    with RoutingCollector(CollectorConfig(budget_bytes=200_000)) as collector, \
+            RoutingSender(SenderConfig(shared_memory=False, **FAST)) as sender:
+        for i in range(6):
+            sender.send(meta_for(f"b{i}", routing, 8 * 16), routing, collector.address)
+        held = [collector.get(f"b{i}", timeout=10).routing for i in range(3)]  # 240 KB held > budget
+        time.sleep(0.5)
+        assert collector.stats().held_bytes == 240_000
+        with pytest.raises(MissingRoutingKeys):
+            collector.get("b3", timeout=0.5)  # reading paused while over budget
+        del held
+        rest = collector.take(["b3", "b4", "b5"], timeout=10)
+        assert all(torch.equal(s.routing, routing) for s in rest.values())
+        del rest
+        assert collector.stats().held_bytes == 0
+
+
+def test_a_sample_larger_than_the_budget_is_rejected_loudly():
+    routing = make_routing(2000, 10, 8, 128)
+    with RoutingCollector(CollectorConfig(budget_bytes=100_000)) as collector, \
+            RoutingSender(SenderConfig(**FAST)) as sender:
+        delivery = sender.send(meta_for("huge", routing, 128), routing, collector.address)
+        with pytest.raises(DeliveryError, match="oversized"):
+            delivery.taken.result(timeout=10)
+        assert collector.stats().rejected["oversized"] == 1
+
+
+def test_sender_bounds_queued_bytes_until_consumers_take_them(collector):
+    routing = make_routing(100, 10, 10, 128)  # 10 KB
+    with RoutingSender(SenderConfig(max_queued_bytes=25_000, **FAST)) as sender:
+        sender.send(meta_for("q0", routing, 128), routing, collector.address)
+        sender.send(meta_for("q1", routing, 128), routing, collector.address)
+        with pytest.raises(SenderFull, match="awaiting their consumers"):
+            sender.send(meta_for("q2", routing, 128), routing, collector.address, block=False)
+        start = time.monotonic()
+        with pytest.raises(SenderFull):
+            sender.send(meta_for("q2", routing, 128), routing, collector.address, timeout=0.3)
+        assert time.monotonic() - start >= 0.3
+        collector.get("q0", timeout=10)
+        sender.send(meta_for("q2", routing, 128), routing, collector.address, timeout=10)  # room again
+        collector.take(["q1", "q2"], timeout=10)
+        sender.flush(timeout=10)
+
+
+def test_undeliverable_routing_fails_its_delivery_instead_of_vanishing():
+    routing = make_routing(3, 2, 2, 8)
+    nobody = f"tcp://127.0.0.1:{_free_port()}"
+    with RoutingSender(SenderConfig(give_up_after_s=0.5, **FAST)) as sender:
+        delivery = sender.send(meta_for("lost", routing, 8), routing, nobody)
+        with pytest.raises(DeliveryError, match="not taken .* within 0.5s"):
+            delivery.taken.result(timeout=10)
+        assert sender.queued_bytes == 0
+
+
+def test_shared_memory_falls_back_to_the_socket(monkeypatch, collector):
+    routing = make_routing(2000, 8, 8, 128)
+    monkeypatch.setattr(shm, "free_bytes", lambda: 1000)  # a small /dev/shm, as in many containers
+    with RoutingSender(SenderConfig(**FAST)) as sender:
+        sender.send(meta_for("small-shm", routing, 128), routing, collector.address)
+        sample = collector.get("small-shm", timeout=10)
+    assert isinstance(sample.source.obj, zmq.Frame)
+    assert collector.stats().shm_received == 0
+
+
+def test_shared_memory_is_not_used_when_the_collector_cannot_see_it(monkeypatch, collector):
+    routing = make_routing(2000, 8, 8, 128)
+    monkeypatch.setattr(shm, "read_probe", lambda name: None)  # another host or /dev/shm namespace
+    with RoutingSender(SenderConfig(**FAST)) as sender:
+        sender.send(meta_for("other-host", routing, 128), routing, collector.address)
+        assert torch.equal(collector.get("other-host", timeout=10).routing, routing)
+    assert collector.stats().shm_received == 0
+
+
+def test_curve_admits_the_allowed_sender_and_counts_others():
+    server, client, stranger = generate_keypair(), generate_keypair(), generate_keypair()
+    routing = make_routing(4, 2, 2, 8)
+    config = CollectorConfig(curve=CurveServer(server, allowed_clients=(client.public,)))
+    with RoutingCollector(config) as collector:
+        with RoutingSender(SenderConfig(curve=CurveClient(stranger, server.public), **FAST)) as intruder:
+            intruder.send(meta_for("intruder", routing, 8), routing, collector.address)
+            deadline = time.time() + 10
+            while collector.stats().rejected["unauthenticated"] == 0 and time.time() < deadline:
+                time.sleep(0.05)
+        assert collector.stats().rejected["unauthenticated"] >= 1
+        with RoutingSender(SenderConfig(curve=CurveClient(client, server.public), **FAST)) as friend:
+            friend.send(meta_for("friend", routing, 8), routing, collector.address)
+            assert torch.equal(collector.get("friend", timeout=10).routing, routing)
+        with pytest.raises(MissingRoutingKeys):
+            collector.get("intruder", timeout=0.2)
+
+
+def test_collector_binds_loopback_by_default(collector):
+    assert collector.address.startswith("tcp://127.0.0.1:")
+
+
+def test_sender_and_collector_in_different_processes(collector):
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parents[2])!r})
+        from tests.integration.test_wire_transport import make_routing, meta_for
+        from routing_replay.wire import RoutingSender, SenderConfig
+        with RoutingSender(SenderConfig(ack_timeout_s=1.0, heartbeat_s=0.2)) as sender:
+            for i in range(5):
+                r = make_routing(100 * (i + 1), 6, 4, 64, seed=i)
+                sender.send(meta_for(f"p{{i}}", r, 64), r, {collector.address!r})
+            sender.flush(timeout=60)
+        print("flushed")
+        """
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    got = collector.take([f"p{i}" for i in range(5)], timeout=60)
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 0, err
+    assert out.strip() == "flushed"
+    for i in range(5):
+        assert torch.equal(got[f"p{i}"].routing, make_routing(100 * (i + 1), 6, 4, 64, seed=i))
+
+
+def _header_for(key: str, routing: torch.Tensor) -> wf.RoutingHeader:
+    payload = routing.numpy().tobytes()
+    rows, layers, top_k = routing.shape
+    return wf.RoutingHeader(
+        version=1, key=key, weight_version="", num_layers=layers, layer_start=0, layer_stop=layers, top_k=top_k,
+        num_experts=8, dtype="uint8", rows=rows, start=0, num_tokens=rows + 1, token_hash=0,
+        payload_bytes=len(payload), mask_bytes=0, checksum=wf.checksum(payload),
+    )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

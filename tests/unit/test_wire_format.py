@@ -1,0 +1,109 @@
+"""The wire format: header rules, encoding, hashing, and decoding arbitrary bytes safely."""
+
+import msgspec
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from routing_replay.wire import format as wf
+
+
+def header(**overrides) -> wf.RoutingHeader:
+    fields = dict(
+        version=1, key="sample-0", weight_version="7", num_layers=48, layer_start=0, layer_stop=48, top_k=8,
+        num_experts=128, dtype="uint8", rows=10, start=0, num_tokens=11, token_hash=123,
+        payload_bytes=10 * 48 * 8, mask_bytes=0, checksum=0,
+    )
+    fields.update(overrides)
+    return wf.RoutingHeader(**fields)
+
+
+def test_header_round_trips_through_msgpack_without_pickle():
+    h = header(shm="routing-replay-seg-1")
+    data = wf.encode(h)
+    assert b"pickle" not in data and data[:1] != b"\x80"  # msgpack map, not a pickle stream
+    assert wf.decode_to_collector(data) == h
+    assert msgspec.msgpack.decode(data)["type"] == "routing"
+
+
+def test_valid_headers_pass():
+    header().validate(1 << 30)
+    header(num_experts=512, dtype="int16", payload_bytes=10 * 48 * 8 * 2).validate(1 << 30)
+    header(layer_start=24, layer_stop=48, payload_bytes=10 * 24 * 8, mask_bytes=10 * 24).validate(1 << 30)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ({"version": 2}, "version"),
+        ({"key": ""}, "key"),
+        ({"key": "k" * 2000}, "key"),
+        ({"dtype": "int16"}, "dtype"),
+        ({"num_experts": 300}, "dtype"),
+        ({"top_k": 200}, "layout"),
+        ({"layer_start": 10, "layer_stop": 10}, "layout"),
+        ({"layer_stop": 49}, "layout"),
+        ({"rows": 12}, "rows"),
+        ({"start": -1}, "rows"),
+        ({"payload_bytes": 7}, "payload_bytes"),
+        ({"mask_bytes": 3}, "mask_bytes"),
+    ],
+)
+def test_inconsistent_headers_are_rejected_with_a_reason(overrides, reason):
+    with pytest.raises(wf.WireFormatError) as info:
+        header(**overrides).validate(1 << 30)
+    assert info.value.reason == reason
+
+
+def test_oversized_payload_is_rejected():
+    with pytest.raises(wf.WireFormatError, match="oversized"):
+        header().validate(max_payload_bytes=100)
+
+
+def test_unknown_fields_and_types_are_rejected():
+    data = msgspec.msgpack.encode({**msgspec.structs.asdict(header()), "type": "routing", "extra": 1})
+    with pytest.raises(wf.WireFormatError, match="header"):
+        wf.decode_to_collector(data)
+    with pytest.raises(wf.WireFormatError):
+        wf.decode_to_collector(msgspec.msgpack.encode({"type": "routing", "key": 5}))
+    with pytest.raises(wf.WireFormatError, match="exceeds"):
+        wf.decode_to_collector(b"\x00" * (wf.MAX_HEADER_BYTES + 1))
+
+
+def test_token_hash_identifies_the_exact_sequence():
+    ids = [1, 2, 3, 400000]
+    assert wf.token_hash(ids) == wf.token_hash(torch.tensor(ids)) == wf.token_hash(torch.tensor(ids, dtype=torch.int32))
+    assert wf.token_hash(ids) != wf.token_hash(ids[:-1])
+    assert wf.token_hash(ids) != wf.token_hash([1, 2, 3, 400001])
+
+
+def test_checksum_covers_payload_then_mask():
+    assert wf.checksum(b"ab", b"c") == wf.checksum(b"abc")
+    assert wf.checksum(b"abc") != wf.checksum(b"abd")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=512))
+def test_arbitrary_bytes_never_crash_the_decoder(data):
+    try:
+        message = wf.decode_to_collector(data)
+    except wf.WireFormatError:
+        return
+    if isinstance(message, wf.RoutingHeader):
+        try:
+            message.validate(1 << 20)
+        except wf.WireFormatError:
+            pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(list(wf.RoutingHeader.__struct_fields__)),
+                       st.one_of(st.integers(-2**63, 2**64 - 1), st.text(max_size=8), st.none(), st.booleans())))
+def test_mutated_header_fields_are_decoded_or_rejected_never_crash(mutation):
+    fields = {**msgspec.structs.asdict(header()), "type": "routing", **mutation}
+    try:
+        h = wf.decode_to_collector(msgspec.msgpack.encode(fields))
+        h.validate(1 << 30)
+    except wf.WireFormatError:
+        pass
