@@ -361,3 +361,33 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_shared_region_is_reused_only_after_the_consumer_frees_it(collector):
+    first, second = make_routing(2000, 8, 8, 128, seed=1), make_routing(2000, 8, 8, 128, seed=2)
+    with RoutingSender(SenderConfig(**FAST)) as sender:
+        sender.send(meta_for("a", first, 128), first, collector.address)
+        held = collector.get("a", timeout=10)
+        sender.send(meta_for("b", second, 128), second, collector.address)
+        other = collector.get("b", timeout=10)
+        assert other.header.shm_offset != held.header.shm_offset  # "a" is still being read
+        assert torch.equal(held.routing, first)
+        offset_a = held.header.shm_offset
+        del held
+        deadline = time.time() + 10
+        while sender._arena.used_bytes > other.routing.numel() + 4096 and time.time() < deadline:
+            time.sleep(0.02)  # the collector reports the region released
+        sender.send(meta_for("c", second, 128), second, collector.address)
+        assert collector.get("c", timeout=10).header.shm_offset == offset_a
+
+
+def test_full_arena_falls_back_to_frames(collector):
+    routing = make_routing(2000, 10, 32, 128)  # 640 KB
+    with RoutingSender(SenderConfig(shm_arena_bytes=1 << 20, **FAST)) as sender:
+        sender.send(meta_for("x", routing, 128), routing, collector.address)
+        held = collector.get("x", timeout=10)
+        sender.send(meta_for("y", routing, 128), routing, collector.address)
+        overflow = collector.get("y", timeout=10)
+    assert held.header.shm is not None
+    assert overflow.header.shm is None and isinstance(overflow.source.obj, zmq.Frame)
+    assert torch.equal(overflow.routing, routing)

@@ -27,13 +27,15 @@ token_hash     int      xxh3_64 (seed 0) of the sequence's token ids as little-e
 payload_bytes  int      R * (stop - start) * K * itemsize
 mask_bytes     int      0 when every (row, layer) is present, else R * (stop - start)
 checksum       int      xxh3_64 (seed 0) of the payload bytes followed by the mask bytes
-shm            str|nil  name of a shared-memory segment under /dev/shm holding payload then
-                        mask (same-host fast path); nil when they travel as frames
+shm            str|nil  name of the sender's shared-memory arena under /dev/shm holding payload
+                        then mask (same-host fast path); nil when they travel as frames
+shm_offset     int      byte offset of the region in that arena (0 when shm is nil)
 ============== ======== ==================================================================
 
 Frames after the header: when ``shm`` is nil, frame 1 is the payload, ``[R, stop - start, K]``
 C-order ids of ``dtype``; frame 2, present only when ``mask_bytes > 0``, is ``[R, stop - start]``
-bytes, 1 where that (row, layer) was recorded. When ``shm`` is set there are no further frames.
+bytes, 1 where that (row, layer) was recorded. When ``shm`` is set there are no further frames,
+and the region stays the sender's until the collector sends ``released`` for the key.
 
 Control messages (frame 0 only):
 
@@ -41,8 +43,9 @@ Control messages (frame 0 only):
   the nonce's 8 bytes, so the collector can prove it shares the sender's /dev/shm).
 - ``pong`` (collector -> sender): ``nonce``, ``epoch`` str (random per collector start; a new
   epoch tells the sender to resend everything not yet taken), ``shm_ok`` bool.
-- ``received`` / ``taken`` (collector -> sender): ``key``, ``epoch``. ``received``: validated and
-  held; ``taken``: handed to the consumer (the sender may then release it).
+- ``received`` / ``taken`` / ``released`` (collector -> sender): ``key``, ``epoch``. ``received``:
+  validated and held; ``taken``: handed to the consumer (the sender stops resending it);
+  ``released``: the consumer's last view of a shared-memory region is gone (the sender may reuse it).
 - ``rejected`` (collector -> sender): ``key``, ``reason``; the sample will not be delivered.
 
 Limits: a header frame is at most 64 KiB; a collector refuses payloads above its
@@ -93,6 +96,7 @@ class RoutingHeader(msgspec.Struct, tag="routing", tag_field="type", forbid_unkn
     mask_bytes: int
     checksum: int
     shm: Union[str, None] = None
+    shm_offset: int = 0
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -153,13 +157,18 @@ class Taken(msgspec.Struct, tag="taken", tag_field="type", forbid_unknown_fields
     epoch: str
 
 
+class Released(msgspec.Struct, tag="released", tag_field="type", forbid_unknown_fields=True):
+    key: str
+    epoch: str
+
+
 class Rejected(msgspec.Struct, tag="rejected", tag_field="type", forbid_unknown_fields=True):
     key: str
     reason: str
 
 
 ToCollector = Union[RoutingHeader, Ping]
-ToSender = Union[Pong, Received, Taken, Rejected]
+ToSender = Union[Pong, Received, Taken, Released, Rejected]
 
 _encoder = msgspec.msgpack.Encoder()
 _collector_decoder = msgspec.msgpack.Decoder(ToCollector)
@@ -179,7 +188,7 @@ def decode_to_collector(frame: bytes | memoryview) -> RoutingHeader | Ping:
         raise WireFormatError("header", str(exc)) from None
 
 
-def decode_to_sender(frame: bytes | memoryview) -> Pong | Received | Taken | Rejected:
+def decode_to_sender(frame: bytes | memoryview) -> Pong | Received | Taken | Released | Rejected:
     try:
         return _sender_decoder.decode(frame)
     except msgspec.DecodeError as exc:

@@ -56,7 +56,10 @@ class SenderConfig:
     shared_memory: bool = True
     """Use the same-host fast path where the collector can read this host's /dev/shm."""
     shm_min_bytes: int = 64 << 10
-    """Smaller payloads travel as frames: a segment costs more than it saves."""
+    """Smaller payloads travel as frames: a region costs more than it saves."""
+    shm_arena_bytes: int = 1 << 30
+    """Size of this sender's /dev/shm arena (sparse: pages are used only as regions are written;
+    at most half the free space of /dev/shm). When it is full, messages travel as frames."""
     curve: CurveClient | None = None
     """CURVE client keys (see routing_replay.wire.security)."""
     send_hwm: int = 1000
@@ -98,7 +101,6 @@ class _Outgoing:
     created: float
     sent_at: float | None = None
     received_epoch: str | None = None
-    shm_name: str | None = None
 
 
 @dataclass
@@ -121,6 +123,9 @@ class RoutingSender:
         self._queued_bytes = 0
         self._pending: dict[tuple[str, str], _Outgoing] = {}  # (destination, key) -> message
         self._destinations: dict[str, _Destination] = {}
+        self._arena: shm.Arena | None = None
+        self._arena_failed = False
+        self._regions: dict[tuple[str, str], int] = {}  # (destination, key) -> arena offset, until released
         self._nonces = itertools.count(1)
         self._wake_address = f"inproc://sender-wake-{id(self)}"
         self._wake_pull = self._context.socket(zmq.PULL)
@@ -186,6 +191,8 @@ class RoutingSender:
             if dest.probe:
                 shm.unlink(dest.probe)
             dest.socket.close(linger=0)
+        if self._arena is not None:
+            self._arena.close()
         self._wake_pull.close()
         self._wake_push.close()
         self._context.term()
@@ -259,6 +266,7 @@ class RoutingSender:
             slot = (dest.address, message.header.key)
             if slot in self._pending:  # the same key again: the newer routing replaces the older
                 self._finish(self._pending.pop(slot), DeliveryError(f"{message.header.key!r}: replaced by a newer send"))
+                self._regions.pop(slot, None)  # the collector may still hold it: never reused
             self._pending[slot] = message
             if dest.epoch is not None:
                 self._transmit(dest, message)
@@ -278,17 +286,15 @@ class RoutingSender:
 
     def _transmit(self, dest: _Destination, message: _Outgoing) -> None:
         header = message.header
-        if message.shm_name is not None:  # a resend: the collector may never have mapped it
-            shm.unlink(message.shm_name)
-            message.shm_name = None
-        frames: list = [message.payload]
-        if message.mask is not None:
-            frames.append(message.mask)
-        header.shm = None
-        if self._use_shm(dest, message.nbytes):
-            name = shm.new_name()
-            shm.write_segment(name, *(memoryview(f).cast("B") for f in frames))
-            header.shm, message.shm_name, frames = name, name, []
+        frames: list = [message.payload] if message.mask is None else [message.payload, message.mask]
+        slot = (dest.address, header.key)
+        if slot not in self._regions and self._use_shm(dest, message.nbytes):
+            offset = self._arena.alloc(message.nbytes)
+            if offset is not None:
+                self._arena.write(offset, *(memoryview(f).cast("B") for f in frames))
+                self._regions[slot] = offset
+        if slot in self._regions:  # a resend reuses its region: the bytes are the same
+            header.shm, header.shm_offset, frames = self._arena.name, self._regions[slot], []
         try:
             dest.socket.send_multipart([wf.encode(header), *frames], zmq.NOBLOCK, copy=False)
         except zmq.Again:
@@ -296,8 +302,16 @@ class RoutingSender:
         message.sent_at = time.monotonic()
 
     def _use_shm(self, dest: _Destination, nbytes: int) -> bool:
-        return (self.config.shared_memory and dest.shm_ok and nbytes >= self.config.shm_min_bytes
-                and shm.free_bytes() > 2 * nbytes)
+        if not (self.config.shared_memory and dest.shm_ok and nbytes >= self.config.shm_min_bytes):
+            return False
+        if self._arena is None and not self._arena_failed:
+            size = min(self.config.shm_arena_bytes, shm.free_bytes() // 2)
+            try:
+                self._arena = shm.Arena(size) if size >= nbytes else None
+            except OSError as exc:
+                log.warning("no shared-memory arena (%s): routing travels over the socket", exc)
+            self._arena_failed = self._arena is None
+        return self._arena is not None
 
     def _read_acks(self, dest: _Destination) -> None:
         while True:
@@ -313,6 +327,9 @@ class RoutingSender:
             if isinstance(ack, wf.Pong):
                 self._on_pong(dest, ack)
                 continue
+            if isinstance(ack, wf.Released):
+                self._free_region((dest.address, ack.key))
+                continue
             message = self._pending.get((dest.address, ack.key))
             if message is None:
                 continue  # already finished: a duplicate acknowledgement
@@ -322,6 +339,7 @@ class RoutingSender:
             elif isinstance(ack, wf.Taken):
                 self._finish(self._pending.pop((dest.address, ack.key)), None)
             else:
+                self._free_region((dest.address, ack.key))
                 self._finish(self._pending.pop((dest.address, ack.key)),
                              DeliveryError(f"{ack.key!r} rejected by {dest.address}: {ack.reason}"))
 
@@ -351,6 +369,7 @@ class RoutingSender:
                           message.header.key, dest.address, self.config.give_up_after_s)
                 self._finish(self._pending.pop(slot), DeliveryError(
                     f"{message.header.key!r}: not taken by {dest.address} within {self.config.give_up_after_s}s"))
+                self._regions.pop(slot, None)  # a slow collector may map it later: never reused
             elif dest.epoch is not None and message.received_epoch is None and (
                 message.sent_at is None or now - message.sent_at > self.config.ack_timeout_s
             ):
@@ -363,7 +382,7 @@ class RoutingSender:
                 shm.unlink(dest.probe)
             dest.probe = shm.new_name("probe")
             try:
-                shm.write_segment(dest.probe, memoryview(dest.nonce.to_bytes(8, "little")))
+                shm.write_probe(dest.probe, dest.nonce.to_bytes(8, "little"))
             except OSError:
                 dest.probe = None
         try:
@@ -372,9 +391,12 @@ class RoutingSender:
             pass
         dest.next_ping = now + self.config.heartbeat_s
 
+    def _free_region(self, slot: tuple[str, str]) -> None:
+        offset = self._regions.pop(slot, None)
+        if offset is not None:
+            self._arena.free(offset)
+
     def _finish(self, message: _Outgoing, error: Exception | None) -> None:
-        if message.shm_name is not None:
-            shm.unlink(message.shm_name)
         if error is None:
             _resolve(message.delivery.received)
             _resolve(message.delivery.taken)
