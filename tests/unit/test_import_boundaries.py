@@ -32,6 +32,11 @@ def test_capture_imports_with_sglang_megatron_and_ray_blocked():
     assert result.stdout.strip() == "ok"
 
 
+def test_wire_imports_with_sglang_megatron_and_ray_blocked():
+    result = import_with_blocked("routing_replay.wire", ("sglang", "megatron", "ray", "transformers"))
+    assert result.returncode == 0, result.stderr
+
+
 def test_top_level_package_imports_nothing_heavy():
     result = import_with_blocked("routing_replay", BLOCKED + ("torch",))
     assert result.returncode == 0, result.stderr

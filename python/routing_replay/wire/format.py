@@ -147,19 +147,21 @@ class Pong(msgspec.Struct, tag="pong", tag_field="type", forbid_unknown_fields=T
     shm_ok: bool
 
 
-class Received(msgspec.Struct, tag="received", tag_field="type", forbid_unknown_fields=True):
+class _KeyAck(msgspec.Struct, tag_field="type", forbid_unknown_fields=True):
     key: str
     epoch: str
 
 
-class Taken(msgspec.Struct, tag="taken", tag_field="type", forbid_unknown_fields=True):
-    key: str
-    epoch: str
+class Received(_KeyAck, tag="received"):
+    """Validated and held by the collector."""
 
 
-class Released(msgspec.Struct, tag="released", tag_field="type", forbid_unknown_fields=True):
-    key: str
-    epoch: str
+class Taken(_KeyAck, tag="taken"):
+    """Handed to the consumer: stop resending."""
+
+
+class Released(_KeyAck, tag="released"):
+    """The consumer's last view of a shared-memory region is gone: the region may be reused."""
 
 
 class Rejected(msgspec.Struct, tag="rejected", tag_field="type", forbid_unknown_fields=True):
