@@ -81,4 +81,12 @@ PYBIND11_MODULE(RR_MODULE, m) {
         return to_tuple(backend::reset(v, index_array(slots, slots_bytes), n, stream));
       },
       py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "copy_rows",
+      [](const rr::RecorderView& dst, const rr::RecorderView& src, std::uintptr_t src_slots, int32_t src_bytes,
+         std::uintptr_t dst_slots, int32_t dst_bytes, int64_t n, std::uintptr_t stream) {
+        return to_tuple(backend::copy_rows(dst, src, index_array(src_slots, src_bytes),
+                                           index_array(dst_slots, dst_bytes), n, stream));
+      },
+      py::call_guard<py::gil_scoped_release>());
 }

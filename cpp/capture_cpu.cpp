@@ -77,4 +77,20 @@ CallError reset(const RecorderView& v, IndexArray slots, int64_t n, std::uintptr
   return {};
 }
 
+CallError copy_rows(const RecorderView& dst, const RecorderView& src, IndexArray src_slots, IndexArray dst_slots,
+                    int64_t n, std::uintptr_t) {
+  CallError bad = check_slots(src, src_slots, n);
+  if (bad.kind == kOk) bad = check_slots(dst, dst_slots, n);
+  if (bad.kind != kOk) return bad;
+  const int64_t row_bytes = row_elems(dst) * dst.id_bytes;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t from = load_index(src_slots, i), to = load_index(dst_slots, i);
+    std::memcpy(static_cast<uint8_t*>(dst.ids) + to * row_bytes, static_cast<const uint8_t*>(src.ids) + from * row_bytes,
+                row_bytes);
+    std::memcpy(dst.valid_bits + to * dst.bit_words, src.valid_bits + from * src.bit_words,
+                sizeof(uint32_t) * dst.bit_words);
+  }
+  return {};
+}
+
 }  // namespace rr::cpu

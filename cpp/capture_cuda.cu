@@ -67,6 +67,24 @@ __global__ void reset_kernel(RecorderView v, IndexArray slots, int64_t n) {
   v.valid_bits[slot * v.bit_words + e % v.bit_words] = 0u;
 }
 
+// One thread per id element of a row; threads with col < bit_words also copy a validity word.
+// A bad slot on either side skips the row and is counted once, in the destination's counters.
+template <typename Store>
+__global__ void copy_rows_kernel(RecorderView dst, RecorderView src, IndexArray src_slots, IndexArray dst_slots,
+                                 int64_t n) {
+  const int64_t elems = row_elems(dst);
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= n * elems) return;
+  const int64_t row = e / elems, col = e % elems;
+  const int64_t from = load_index(src_slots, row), to = load_index(dst_slots, row);
+  if (!slot_in_range(src, from) || !slot_in_range(dst, to)) {
+    if (col == 0) count_error(dst, kSlotOutOfRange);
+    return;
+  }
+  static_cast<Store*>(dst.ids)[to * elems + col] = static_cast<const Store*>(src.ids)[from * elems + col];
+  if (col < dst.bit_words) dst.valid_bits[to * dst.bit_words + col] = src.valid_bits[from * src.bit_words + col];
+}
+
 unsigned int blocks_for(int64_t threads) { return static_cast<unsigned int>((threads + kThreads - 1) / kThreads); }
 
 void check_launch(const char* what) {
@@ -112,6 +130,18 @@ CallError reset(const RecorderView& v, IndexArray slots, int64_t n, std::uintptr
   if (n == 0) return {};
   reset_kernel<<<blocks_for(n * v.bit_words), kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(v, slots, n);
   check_launch("routing_replay reset kernel");
+  return {};
+}
+
+CallError copy_rows(const RecorderView& dst, const RecorderView& src, IndexArray src_slots, IndexArray dst_slots,
+                    int64_t n, std::uintptr_t stream) {
+  if (n == 0) return {};
+  const auto s = reinterpret_cast<cudaStream_t>(stream);
+  dispatch_storage(dst.id_bytes, [&](auto store_type) {
+    copy_rows_kernel<decltype(store_type)><<<blocks_for(n * row_elems(dst)), kThreads, 0, s>>>(dst, src, src_slots,
+                                                                                            dst_slots, n);
+  });
+  check_launch("routing_replay copy_rows kernel");
   return {};
 }
 

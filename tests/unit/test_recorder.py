@@ -240,3 +240,25 @@ def test_random_sequences_of_record_and_reset_match_the_reference(ops, seed):
         recorder.record(layer, torch.tensor(slots), ids, valid_rows=valid_rows)
         reference.record(layer, slots, ids.tolist(), valid_rows=valid_rows)
     assert_matches(recorder, reference, list(range(16)))
+
+
+def test_copy_rows_moves_whole_rows_between_recorders():
+    layout = LAYOUTS["8e-top2"]
+    staging, main = RoutingRecorder(layout, num_slots=4), RoutingRecorder(layout, num_slots=16)
+    for layer in range(layout.num_layers):
+        staging.record(layer, torch.tensor([0, 1, 2]), torch.tensor([[layer, 1], [2, 3], [-1, -1]]))
+    main.copy_rows_from(staging, torch.arange(3), torch.tensor([9, 4, 12]))
+    rows = main.gather([9, 4, 12]).wait()
+    assert rows.valid.tolist() == [[True] * 3, [True] * 3, [False] * 3]  # padding stays unwritten
+    assert rows.ids[0, :, 0].tolist() == [0, 1, 2]
+    with pytest.raises(InvalidRoutingInput, match=r"slots\[1\] = 16 is outside"):
+        main.copy_rows_from(staging, [0, 1], [3, 16])
+    with pytest.raises(InvalidRoutingInput, match="same layout"):
+        main.copy_rows_from(RoutingRecorder(LAYOUTS["512e-int16"], 4), [0], [0])
+
+
+def test_clear_marks_everything_unwritten():
+    recorder = RoutingRecorder(LAYOUTS["8e-top2"], num_slots=4)
+    recorder.record(0, torch.tensor([1, 2]), torch.tensor([[0, 1], [2, 3]]))
+    recorder.clear()
+    assert not recorder.gather([1, 2]).wait().valid.any()

@@ -30,7 +30,10 @@ struct CallError {
   CallError gather(const RecorderView& v, IndexArray slots, int64_t n, void* out_ids,                  \
                    uint8_t* out_valid, std::uintptr_t stream);                                         \
   /* Marks every layer of `slots` unwritten. */                                                        \
-  CallError reset(const RecorderView& v, IndexArray slots, int64_t n, std::uintptr_t stream);
+  CallError reset(const RecorderView& v, IndexArray slots, int64_t n, std::uintptr_t stream);          \
+  /* Copies whole rows (ids and written flags) of src at src_slots to dst at dst_slots; same layout. */ \
+  CallError copy_rows(const RecorderView& dst, const RecorderView& src, IndexArray src_slots,           \
+                      IndexArray dst_slots, int64_t n, std::uintptr_t stream);
 
 namespace cpu {
 RR_DECLARE_BACKEND

@@ -186,6 +186,30 @@ class RoutingRecorder:
         """Marks every layer of ``slots`` unwritten (the engine freed those KV slots)."""
         self._call("reset", self._slots_on_device(slots))
 
+    def clear(self) -> None:
+        """Marks every slot unwritten (e.g. after the weights that produced the rows changed)."""
+        self.valid_bits.zero_()
+
+    def copy_rows_from(self, source: RoutingRecorder, source_slots: SlotsLike, slots: SlotsLike) -> None:
+        """Copies whole rows (ids and written flags) from ``source`` at ``source_slots`` to ``slots``.
+
+        Engines stage one forward's routing by batch position and copy it once per forward to the
+        slot-keyed recorder. Both recorders must share layout and device.
+        """
+        if source.layout != self.layout or source.device != self.device:
+            raise InvalidRoutingInput(
+                f"copy_rows_from needs the same layout and device: {source.layout} on {source.device} "
+                f"vs {self.layout} on {self.device}"
+            )
+        source_slots, slots = self._slots_on_device(source_slots), self._slots_on_device(slots)
+        if source_slots.shape != slots.shape:
+            raise InvalidRoutingInput(f"{source_slots.shape[0]} source slots but {slots.shape[0]} destination slots")
+        error = self._backend.copy_rows(
+            self._view, source._view, source_slots.data_ptr(), source_slots.element_size(), slots.data_ptr(),
+            slots.element_size(), slots.shape[0], native.stream_handle(self.device),
+        )
+        raise_call_error(error, self._view.num_slots, self._view.num_experts)
+
     def _empty_rows(self, n: int, device: torch.device, pin_memory: bool = False) -> RoutingRows:
         shape = (n, self.layout.num_layers)
         return RoutingRows(
