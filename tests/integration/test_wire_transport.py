@@ -397,3 +397,17 @@ def test_full_arena_falls_back_to_frames(collector):
     assert held.header.shm is not None
     assert overflow.header.shm is None and isinstance(overflow.source.obj, zmq.Frame)
     assert torch.equal(overflow.routing, routing)
+
+
+def test_reachability_is_known_after_a_heartbeat(collector):
+    nobody = f"tcp://127.0.0.1:{_free_port()}"
+    with RoutingSender(SenderConfig(**FAST)) as sender:
+        assert sender.reachable(collector.address) is None
+        sender.connect(collector.address)
+        sender.connect(nobody)
+        deadline = time.time() + 5
+        while (sender.reachable(collector.address) is not True or sender.reachable(nobody) is not False) \
+                and time.time() < deadline:
+            time.sleep(0.05)
+        assert sender.reachable(collector.address) is True
+        assert sender.reachable(nobody) is False

@@ -112,6 +112,8 @@ class _Destination:
     next_ping: float = 0.0
     nonce: int = 0
     probe: str | None = None
+    created: float = field(default_factory=time.monotonic)
+    last_pong: float | None = None
 
 
 class RoutingSender:
@@ -120,6 +122,7 @@ class RoutingSender:
         self._context = zmq.Context()
         self._cond = threading.Condition()
         self._incoming: collections.deque[_Outgoing] = collections.deque()
+        self._connect_requests: collections.deque[str] = collections.deque()
         self._queued_bytes = 0
         self._pending: dict[tuple[str, str], _Outgoing] = {}  # (destination, key) -> message
         self._destinations: dict[str, _Destination] = {}
@@ -165,6 +168,24 @@ class RoutingSender:
             self._incoming.append(outgoing)
         self._wake()
         return outgoing.delivery
+
+    def connect(self, destination: str) -> None:
+        """Starts the handshake with a collector ahead of the first send, so ``reachable`` knows."""
+        self._connect_requests.append(destination)
+        self._wake()
+
+    def reachable(self, destination: str) -> bool | None:
+        """True if the collector answered a heartbeat recently, False if it has not answered for
+        three heartbeats, None while that is not yet known (never contacted, or just now)."""
+        dest = self._destinations.get(destination)
+        if dest is None:
+            return None
+        now, window = time.monotonic(), 3 * self.config.heartbeat_s
+        if dest.last_pong is not None and now - dest.last_pong <= window:
+            return True
+        if now - max(dest.created, dest.last_pong or 0.0) > window:
+            return False
+        return None
 
     @property
     def queued_bytes(self) -> int:
@@ -244,6 +265,8 @@ class RoutingSender:
             if self._wake_pull in events:
                 while self._wake_pull.poll(0):
                     self._wake_pull.recv()
+            while self._connect_requests:
+                self._destination(self._connect_requests.popleft(), poller)
             self._admit_incoming(poller)
             for dest in self._destinations.values():
                 if dest.socket in events:
@@ -346,6 +369,7 @@ class RoutingSender:
     def _on_pong(self, dest: _Destination, pong: wf.Pong) -> None:
         if pong.nonce != dest.nonce:
             return  # answer to an older ping
+        dest.last_pong = time.monotonic()
         restarted = dest.epoch is not None and pong.epoch != dest.epoch
         first = dest.epoch is None
         dest.epoch, dest.shm_ok = pong.epoch, pong.shm_ok

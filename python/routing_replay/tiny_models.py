@@ -1,0 +1,76 @@
+"""Tiny random MoE checkpoints with a locally trained tokenizer: no model hub needed.
+
+Used by the tests, the demos and the CPU default of the RL job. ``build(kind, out_dir)`` writes a
+Hugging Face checkpoint (config, safetensors, tokenizer) that SGLang, transformers and the
+Megatron converter all load. Kinds: ``qwen3_moe``, ``qwen2_moe`` (with its shared expert),
+``mixtral``; ``dense_layers`` makes the listed layers plain MLPs (Qwen ``mlp_only_layers``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+KINDS = ("qwen3_moe", "qwen2_moe", "mixtral")
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog. ",
+    "Hello world! Mixture of experts models route every token to a few experts.",
+    "0123456789 + - * = ? abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ",
+    "What is 3 + 4? The answer is 7. What is 12 + 5? The answer is 17.",
+]
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def build_tokenizer(out_dir: Path, vocab_size: int = 512):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_CORPUS * 50, trainer)
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    hf_tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    hf_tok.save_pretrained(out_dir)
+    return hf_tok
+
+
+def build(kind: str, out_dir: str | Path, *, layers: int = 2, hidden: int = 64, experts: int = 8, top_k: int = 2,
+          dense_layers: Sequence[int] = (), seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+    """Writes a random ``kind`` checkpoint to ``out_dir`` and returns the path."""
+    import transformers
+
+    if kind not in KINDS:
+        raise ValueError(f"unknown tiny model kind {kind!r}; choose from {KINDS}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(out)
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    common = dict(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False,
+                  bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, num_experts_per_tok=top_k)
+    if kind == "qwen3_moe":
+        config = transformers.Qwen3MoeConfig(**common, head_dim=hidden // 4, intermediate_size=2 * hidden,
+                                             moe_intermediate_size=hidden // 2, num_experts=experts,
+                                             norm_topk_prob=True, mlp_only_layers=list(dense_layers))
+        model_cls = transformers.Qwen3MoeForCausalLM
+    elif kind == "qwen2_moe":
+        config = transformers.Qwen2MoeConfig(**common, intermediate_size=2 * hidden, moe_intermediate_size=hidden // 2,
+                                             shared_expert_intermediate_size=hidden, num_experts=experts,
+                                             norm_topk_prob=False, mlp_only_layers=list(dense_layers))
+        model_cls = transformers.Qwen2MoeForCausalLM
+    else:
+        if dense_layers:
+            raise ValueError("mixtral routes every layer: dense_layers is not supported")
+        config = transformers.MixtralConfig(**common, intermediate_size=hidden, num_local_experts=experts)
+        model_cls = transformers.MixtralForCausalLM
+    torch.manual_seed(seed)
+    model_cls(config).to(dtype).save_pretrained(out)
+    return out
