@@ -15,3 +15,33 @@ def ray_local():
              logging_level="ERROR", namespace="routing-replay-tests")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Tiny random checkpoints (float32) of each MoE family, built locally."""
+    from routing_replay.tiny_models import build
+
+    root = tmp_path_factory.mktemp("models")
+    return {kind: build(kind, root / kind, seed=i) for i, kind in enumerate(("qwen3_moe", "qwen2_moe", "mixtral"))}
+
+
+@pytest.fixture(scope="session")
+def routing_collector():
+    from routing_replay.wire import RoutingCollector
+
+    with RoutingCollector() as collector:
+        yield collector
+
+
+@pytest.fixture(scope="session")
+def qwen3_server(tiny_models, routing_collector, tmp_path_factory):
+    """The shared recording server: Qwen3-MoE, float32, small chunked prefill, SGLang's own capture on
+    too (for comparison), our default sink the session collector."""
+    from tests.integration.sglang_support import start_server
+
+    server = start_server(tiny_models["qwen3_moe"], tmp_path_factory.mktemp("logs") / "qwen3.log",
+                          "--record-routing", "--routing-sink", routing_collector.address,
+                          "--enable-return-routed-experts", "--chunked-prefill-size", "16")
+    yield server
+    server.stop()

@@ -1,0 +1,62 @@
+"""Client helpers: ask a recording SGLang server for routing and read what it answers.
+
+    payload = {"text": prompt, "sampling_params": {"max_new_tokens": 64,
+               "custom_params": routing_params(key="prompt7-sample0", sink=collector.address)}}
+    descriptor = routing_descriptor(response_json)          # raises if the server did not record
+
+With the OpenAI endpoints, pass ``custom_params=routing_params(...)`` at the top level of the
+request (``extra_body`` with the ``openai`` client); the descriptor is then not part of the OpenAI
+response schema, so use a sink (``/v1/*`` responses carry no ``meta_info``) or ``/generate``.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import numpy as np
+import torch
+
+from routing_replay.sglang.options import REQUEST_KEY
+
+
+class RoutingNotReturned(RuntimeError):
+    """The response carries no routing descriptor although routing was requested."""
+
+
+def routing_params(key: str | None = None, start_len: int = 0, sink: str | None = None, inline: bool = False) -> dict:
+    """The ``custom_params`` entry that asks a recording server for a request's routing."""
+    spec: dict[str, Any] = {"start_len": start_len, "inline": inline}
+    if key is not None:
+        spec["key"] = key
+    if sink is not None:
+        spec["sink"] = sink
+    return {REQUEST_KEY: spec}
+
+
+def routing_descriptor(response: dict) -> dict:
+    """The routing descriptor of a ``/generate`` response, or RoutingNotReturned."""
+    entries = response.get("meta_info", {}).get(REQUEST_KEY)
+    if not entries:
+        raise RoutingNotReturned(
+            "the response has no meta_info.routing_replay: the routing-replay plugin is not active in this "
+            "SGLang server (not installed, excluded by SGLANG_PLUGINS, or failed to load; see its log)"
+        )
+    descriptor = entries[0]
+    if descriptor.get("delivery") == "failed":
+        raise RoutingNotReturned(f"routing was not delivered: {descriptor.get('error')}")
+    return descriptor
+
+
+def decode_inline(descriptor: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(ids [rows, layers, top_k], valid [rows, layers] or None)`` from an inline descriptor."""
+    if "inline" not in descriptor:
+        raise RoutingNotReturned("the descriptor has no inline routing: ask with inline=True")
+    layout = descriptor["layout"]
+    shape = (descriptor["rows"], layout["num_layers"], layout["top_k"])
+    ids = np.frombuffer(base64.b64decode(descriptor["inline"]), dtype=np.dtype(layout["dtype"])).reshape(shape)
+    valid = None
+    if "inline_valid" in descriptor:
+        valid = torch.from_numpy(np.frombuffer(base64.b64decode(descriptor["inline_valid"]), dtype=np.bool_)
+                                 .reshape(shape[:2]).copy())
+    return torch.from_numpy(ids.copy()), valid

@@ -1,0 +1,220 @@
+"""A real SGLang server on CPU with --record-routing: routing delivered equals routing used.
+
+The independent references are Hugging Face transformers' router (an uncached forward over the
+same tokens) and SGLang's own --enable-return-routed-experts capture of the same request.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+
+import pytest
+import requests
+import torch
+
+from routing_replay.sglang.client import RoutingNotReturned, decode_inline, routing_descriptor, routing_params
+from routing_replay.wire import token_hash
+from tests.integration.sglang_support import (
+    generate,
+    hf_routing,
+    hf_tokenizer,
+    inline_routing,
+    same_sets,
+    sglang_own_routing,
+    start_server,
+    token_ids,
+)
+
+LAYERS, TOP_K = 2, 2
+PROMPTS = ["The quick brown fox", "Hello world! Mixture of experts models route every token.",
+           "What is 3 + 4? The answer is", "0123456789 abcdefghij"]
+
+
+def check_against_references(server, response, ours: torch.Tensor, prompt, own: bool = True) -> None:
+    tokens = token_ids(server, response, prompt)
+    assert ours.shape == (len(tokens) - 1, LAYERS, TOP_K)  # the last token has no row
+    if own:
+        assert torch.equal(ours, sglang_own_routing(response, LAYERS, TOP_K))
+    agreement = same_sets(ours, hf_routing(str(server.model_path), tokens[:-1], TOP_K)).float().mean().item()
+    assert agreement >= 0.99, f"only {agreement:.3f} of (token, layer) routing sets agree with Hugging Face"
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_routing_equals_hf_router_and_sglang_own_capture(qwen3_server, prompt):
+    response, ours, descriptor = inline_routing(qwen3_server, prompt, max_new_tokens=10)
+    check_against_references(qwen3_server, response, ours, prompt)
+    assert descriptor["layout"] == {"num_layers": LAYERS, "top_k": TOP_K, "num_experts": 8, "dtype": "uint8"}
+    assert descriptor["bytes"] == ours.numel()  # one byte per id, against four for SGLang's int32
+
+
+def test_long_prompt_across_small_prefill_chunks(qwen3_server):
+    prompt = " ".join(PROMPTS * 3)  # far beyond --chunked-prefill-size 16
+    response, ours, _ = inline_routing(qwen3_server, prompt, max_new_tokens=4)
+    assert response["meta_info"]["prompt_tokens"] > 48
+    check_against_references(qwen3_server, response, ours, prompt)
+
+
+def test_delivered_over_the_wire_to_the_sink(qwen3_server, routing_collector):
+    prompt = PROMPTS[1]
+    response = generate(qwen3_server, prompt, max_new_tokens=6,
+                        routing={"routing_replay": {"key": "wire-1", "inline": True}})
+    descriptor = routing_descriptor(response)
+    assert descriptor["delivery"] == "queued" and descriptor["sink"] == routing_collector.address
+    tokens = token_ids(qwen3_server, response, prompt)
+    sample = routing_collector.get("wire-1", timeout=30, token_ids=tokens)
+    assert sample.header.token_hash == token_hash(tokens) == descriptor["token_hash"]
+    assert torch.equal(sample.routing, decode_inline(descriptor)[0])
+    check_against_references(qwen3_server, response, sample.routing.long(), prompt)
+
+
+def test_shared_prefix_reuses_cached_rows(qwen3_server):
+    prefix = "Shared system prompt for every sample of one group: solve the task. "
+    first, _, _ = inline_routing(qwen3_server, prefix + "First question?", max_new_tokens=4)
+    second, ours, _ = inline_routing(qwen3_server, prefix + "Second, different question?", max_new_tokens=4)
+    assert second["meta_info"]["cached_tokens"] > 8  # a radix-cache hit: those rows were not recomputed
+    check_against_references(qwen3_server, second, ours, prefix + "Second, different question?")
+
+
+def test_32_concurrent_sampled_requests(qwen3_server):
+    prompts = [f"{PROMPTS[i % 4]} #{i}" for i in range(32)]
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(lambda p: inline_routing(qwen3_server, p, max_new_tokens=12, temperature=1.0), prompts))
+    for prompt, (response, ours, _) in zip(prompts, results):
+        check_against_references(qwen3_server, response, ours, prompt)
+
+
+def test_multi_turn_rows_start_at_start_len(qwen3_server):
+    first, full_first, _ = inline_routing(qwen3_server, PROMPTS[0], max_new_tokens=6)
+    turn_one = token_ids(qwen3_server, first, PROMPTS[0])
+    follow_up = hf_tokenizer(str(qwen3_server.model_path))(" And then?").input_ids
+    second_prompt = turn_one + follow_up
+    response = generate(qwen3_server, second_prompt, max_new_tokens=5,
+                        routing=routing_params(start_len=len(turn_one), inline=True))
+    descriptor = routing_descriptor(response)
+    ours = decode_inline(descriptor)[0].long()
+    tokens = second_prompt + response["output_ids"]
+    assert descriptor["start"] == len(turn_one) and ours.shape[0] == len(tokens) - 1 - len(turn_one)
+    reference = hf_routing(str(qwen3_server.model_path), tokens[:-1], TOP_K)[len(turn_one):]
+    assert same_sets(ours, reference).float().mean() >= 0.99
+    # the first turn's rows, recorded again for the second request, match what the first returned
+    whole = generate(qwen3_server, second_prompt, max_new_tokens=1, routing=routing_params(inline=True))
+    assert torch.equal(decode_inline(routing_descriptor(whole))[0].long()[: len(turn_one) - 1], full_first[: len(turn_one) - 1])
+
+
+def test_aborted_request_is_reported_and_leaves_the_server_correct(qwen3_server):
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(generate, qwen3_server, PROMPTS[2], max_new_tokens=400,
+                              routing=routing_params(key="to-abort", inline=True))
+        time.sleep(1.0)
+        requests.post(f"{qwen3_server.url}/abort_request", json={"abort_all": True}, timeout=10)
+        aborted = pending.result(timeout=60)
+    assert aborted["meta_info"]["finish_reason"]["type"] == "abort"
+    entries = aborted["meta_info"].get("routing_replay")
+    assert entries, "an aborted request asking for routing must say what became of it"
+    response, ours, _ = inline_routing(qwen3_server, PROMPTS[2], max_new_tokens=8)
+    check_against_references(qwen3_server, response, ours, PROMPTS[2])
+
+
+def test_unreachable_sink_completes_generation_and_says_so(qwen3_server):
+    from routing_replay.sglang.server import free_port
+
+    dead = f"tcp://127.0.0.1:{free_port()}"
+    generate(qwen3_server, PROMPTS[0], max_new_tokens=2, routing=routing_params(sink=dead))  # makes it known
+    time.sleep(3.5)  # three heartbeats without an answer
+    response = generate(qwen3_server, PROMPTS[0], max_new_tokens=4, routing=routing_params(sink=dead))
+    assert len(response["output_ids"]) == 4
+    entry = response["meta_info"]["routing_replay"][0]
+    assert entry["delivery"] == "failed" and "unreachable" in entry["error"]
+    with pytest.raises(RoutingNotReturned, match="unreachable"):
+        routing_descriptor(response)
+
+
+def test_bad_routing_parameters_are_a_400(qwen3_server):
+    for bad, message in (({"routing_replay": {"start_len": -1}}, "start_len"),
+                         ({"routing_replay": {"sink": "nowhere"}}, "sink"),
+                         ({"routing_replay": {"colour": 1}}, "unknown field")):
+        body = {"text": "x", "sampling_params": {"max_new_tokens": 1, "custom_params": bad}}
+        response = requests.post(f"{qwen3_server.url}/generate", json=body, timeout=30)
+        assert response.status_code == 400 and message in response.json()["error"]["message"]
+
+
+def test_openai_endpoints_keep_working_and_deliver_routing(qwen3_server, routing_collector):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{qwen3_server.url}/v1", api_key="none")
+    plain = client.completions.create(model="default", prompt=PROMPTS[0], max_tokens=4, temperature=0)
+    assert plain.choices[0].text is not None
+    completion = client.completions.create(
+        model="default", prompt=PROMPTS[0], max_tokens=5, temperature=0,
+        extra_body={"custom_params": routing_params(key="openai-completion")},
+    )
+    chat = client.chat.completions.create(
+        model="default", messages=[{"role": "user", "content": PROMPTS[1]}], max_tokens=5, temperature=0,
+        extra_body={"custom_params": routing_params(key="openai-chat")},
+    )
+    for key, usage in (("openai-completion", completion.usage), ("openai-chat", chat.usage)):
+        sample = routing_collector.get(key, timeout=30)
+        assert sample.routing.shape == (usage.prompt_tokens + usage.completion_tokens - 1, LAYERS, TOP_K)
+
+
+def test_weight_update_never_delivers_rows_of_old_weights(qwen3_server, tiny_models, tmp_path):
+    from routing_replay.tiny_models import build
+
+    prefix = "A long shared prefix that stays in the radix cache across the update. "
+    new_weights = build("qwen3_moe", tmp_path / "new", seed=123)
+    inline_routing(qwen3_server, prefix + "before", max_new_tokens=3)
+
+    def update(path, version, flush):
+        body = {"model_path": str(path), "weight_version": version, "flush_cache": flush}
+        result = requests.post(f"{qwen3_server.url}/update_weights_from_disk", json=body, timeout=120).json()
+        assert result["success"], result
+
+    try:
+        update(new_weights, "v2", flush=False)  # keep the old prefix KV cached: its rows must not survive
+        response = generate(qwen3_server, prefix + "after", max_new_tokens=3, routing=routing_params(inline=True))
+        descriptor = routing_descriptor(response)
+        assert descriptor["weight_version"] == "v2"
+        assert response["meta_info"]["cached_tokens"] > 0 and descriptor["missing"] > 0  # dropped, not stale
+        update(new_weights, "v3", flush=True)
+        response, ours, descriptor = inline_routing(qwen3_server, prefix + "after", max_new_tokens=3)
+        tokens = token_ids(qwen3_server, response, prefix + "after")
+        assert descriptor["weight_version"] == "v3" and descriptor["missing"] == 0
+        assert same_sets(ours, hf_routing(str(new_weights), tokens[:-1], TOP_K)).float().mean() >= 0.99
+    finally:
+        update(tiny_models["qwen3_moe"], "restored", flush=True)
+
+
+@pytest.mark.parametrize("kind", ["qwen2_moe", "mixtral"])
+def test_other_moe_families(kind, tiny_models, tmp_path):
+    server = start_server(tiny_models[kind], tmp_path / f"{kind}.log", "--record-routing",
+                          "--enable-return-routed-experts")
+    try:
+        for prompt in PROMPTS[:2]:
+            response, ours, _ = inline_routing(server, prompt, max_new_tokens=8)
+            check_against_references(server, response, ours, prompt)
+    finally:
+        server.stop()
+
+
+def test_server_without_record_routing_answers_400(tiny_models, tmp_path):
+    server = start_server(tiny_models["qwen3_moe"], tmp_path / "plain.log")
+    try:
+        body = {"text": "x", "sampling_params": {"max_new_tokens": 1, "custom_params": routing_params(inline=True)}}
+        response = requests.post(f"{server.url}/generate", json=body, timeout=30)
+        assert response.status_code == 400
+        assert "without --record-routing" in response.json()["error"]["message"]
+        assert generate(server, "x", max_new_tokens=2, own=False)["output_ids"]  # ordinary requests still work
+    finally:
+        server.stop()
+
+
+def test_plugin_not_loaded_is_detected_by_the_client(tiny_models, tmp_path):
+    # SGLANG_PLUGINS names the plugins SGLang may load: ours is left out, as if it failed to load.
+    server = start_server(tiny_models["qwen3_moe"], tmp_path / "noplugin.log", env={"SGLANG_PLUGINS": "none"})
+    try:
+        response = generate(server, "x", max_new_tokens=2, own=False, routing=routing_params(inline=True))
+        with pytest.raises(RoutingNotReturned, match="plugin is not active"):
+            routing_descriptor(response)
+    finally:
+        server.stop()
