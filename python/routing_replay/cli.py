@@ -14,6 +14,21 @@ def _capture_demo(args: argparse.Namespace) -> int:
     return capture_demo.main(cfg, args.json)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    from routing_replay.sglang import cpu_workarounds
+
+    argv = list(args.sglang_args)
+    if "--record-routing" not in argv:
+        argv.append("--record-routing")
+    if "--device" not in argv:
+        argv += cpu_workarounds.server_flags()
+    os.environ.update(cpu_workarounds.server_env())
+    os.execv(sys.executable, [sys.executable, "-m", "sglang.launch_server", *argv])
+    return 0  # not reached
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="routing-replay",
@@ -32,6 +47,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed for the model and the prompts (default: 0)")
     demo.add_argument("--json", type=Path, default=None, help="also write the per-request report to this JSON file")
     demo.set_defaults(run=_capture_demo)
+
+    serve = sub.add_parser(
+        "serve",
+        help="start an SGLang server that records routing (python -m sglang.launch_server --record-routing ...)",
+        description="Runs `python -m sglang.launch_server` with the given SGLang arguments plus --record-routing\n"
+        "(and, on a machine without a GPU, the CPU engine flags unless --device is given).\n"
+        "Every SGLang flag works. The routing-replay flags:\n"
+        "  --record-routing            record routed experts per token and MoE layer\n"
+        "  --routing-sink ADDRESS      default collector, e.g. tcp://127.0.0.1:5555\n"
+        "  --routing-max-queued-mb N   MiB of routing held until its consumers take it\n"
+        "  --no-routing-shm            never use the same-host shared-memory path\n"
+        "See `python -m sglang.launch_server --help` for all SGLang flags.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument("sglang_args", nargs=argparse.REMAINDER, help="arguments passed to sglang.launch_server")
+    serve.set_defaults(run=_serve)
     return parser
 
 

@@ -218,3 +218,15 @@ def test_plugin_not_loaded_is_detected_by_the_client(tiny_models, tmp_path):
             routing_descriptor(response)
     finally:
         server.stop()
+
+
+def test_launchers_document_the_routing_flags():
+    import subprocess
+    import sys
+
+    for command in ([sys.executable, "-m", "sglang.launch_server", "--help"],
+                    [sys.executable, "-m", "routing_replay.cli", "serve", "--help"]):
+        out = subprocess.run(command, capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, out.stderr[-2000:]
+        for flag in ("--record-routing", "--routing-sink", "--routing-max-queued-mb", "--no-routing-shm"):
+            assert flag in out.stdout, (command, flag)
