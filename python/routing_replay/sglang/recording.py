@@ -19,9 +19,11 @@ delivered as current. When a request finishes, its rows ``[start_len, seqlen - 1
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -33,6 +35,29 @@ from routing_replay.wire import RoutingMeta, RoutingSender, SenderConfig, Sender
 from routing_replay.wire import format as wire_format
 
 log = logging.getLogger("routing_replay.sglang")
+
+
+# Benchmarks set this to a file path: the recording then times its own work per phase and writes
+# the totals there (benchmarks/sglang_bench.py reads them). Off by default: no timing overhead.
+PROFILE_ENV = "ROUTING_REPLAY_PROFILE"
+
+
+@dataclass
+class CaptureProfile:
+    """Seconds spent by the recording, against the forwards it wrapped (model time included)."""
+
+    forwards: int = 0
+    forward_s: float = 0.0
+    capture_s: float = 0.0
+    scatter_s: float = 0.0
+    requests: int = 0
+    gather_deliver_s: float = 0.0
+
+    def dump(self, path: str) -> None:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(asdict(self), f)
+        os.replace(tmp, path)
 
 
 @dataclass
@@ -55,8 +80,11 @@ class SchedulerRecording:
         self.descriptors: dict[str, dict] = {}
         self.forward_context: _Forward | None = None
         self.weights_dropped = 0
-        log.info("routing-replay: recording %s in scheduler pid %d: %d slots, %.1f MB on %s",
-                 self.layout, os.getpid(), num_slots, self.main.nbytes / 1e6, device)
+        self.profile_path = os.environ.get(PROFILE_ENV)
+        self.profile = CaptureProfile()
+        log.info("routing-replay: recording %s in scheduler pid %d: %d slots, %.1f MB + %.1f MB staging on %s, "
+                 "outside --mem-fraction-static (on a GPU, lower it by this much)", self.layout, os.getpid(),
+                 num_slots, self.main.nbytes / 1e6, self.staging.nbytes / 1e6, device)
 
     def _make_sender(self) -> RoutingSender:
         sender = RoutingSender(SenderConfig(max_queued_bytes=self.options.routing_max_queued_mb << 20,
@@ -88,13 +116,22 @@ class SchedulerRecording:
         padded = forward_batch.num_token_non_padded
         valid = padded if isinstance(padded, torch.Tensor) and padded.device == self.main.device else tokens
         self.forward_context = _Forward(tokens, valid)
+        started = time.perf_counter()
         try:
             result = run()
         finally:
             self.forward_context = None
+        scatter_start = time.perf_counter()
         positions = self.positions[:tokens]
         self.main.copy_rows_from(self.staging, positions, slots)
         self.staging.reset(positions)
+        if self.profile_path:
+            done = time.perf_counter()
+            self.profile.forwards += 1
+            self.profile.forward_s += done - started
+            self.profile.scatter_s += done - scatter_start
+            if self.profile.forwards % 20 == 0:
+                self.profile.dump(self.profile_path)
         return result
 
     def capture(self, layer_id: int | None, topk_ids: torch.Tensor) -> None:
@@ -109,7 +146,10 @@ class SchedulerRecording:
         if rows > self.staging.num_slots:
             raise RuntimeError(f"routing-replay: {rows} routed rows exceed the staging buffer of "
                                f"{self.staging.num_slots} (forward of {context.tokens} tokens)")
+        started = time.perf_counter() if self.profile_path else 0.0
         self.staging.record(router, self.positions[:rows], topk_ids, valid_rows=context.valid_rows)
+        if self.profile_path:
+            self.profile.capture_s += time.perf_counter() - started
 
     # ---- lifecycle --------------------------------------------------------------------------------
 
@@ -127,11 +167,16 @@ class SchedulerRecording:
         params = RoutingRequest.from_custom_params(getattr(req.sampling_params, "custom_params", None))
         if params is None:
             return
+        started = time.perf_counter()
         tokens = list(req.origin_input_ids) + list(req.output_ids_through_stop)
         start = min(params.start_len, max(len(tokens) - 1, 0))
         slots = req_to_token[req.kv.req_pool_idx, start : len(tokens) - 1].to(torch.int64)
         rows = self.main.gather(slots).wait()
         self.descriptors[req.rid] = self._deliver(params, params.key or req.rid, rows, tokens, start, weight_version)
+        if self.profile_path:
+            self.profile.requests += 1
+            self.profile.gather_deliver_s += time.perf_counter() - started
+            self.profile.dump(self.profile_path)
 
     def descriptor_for(self, req: Any) -> list:
         """The meta_info entry of a request: ``[descriptor]`` once it finished, else ``[]``."""
