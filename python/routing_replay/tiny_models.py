@@ -1,9 +1,10 @@
 """Tiny random MoE checkpoints with a locally trained tokenizer: no model hub needed.
 
 Used by the tests, the demos and the CPU default of the RL job. ``build(kind, out_dir)`` writes a
-Hugging Face checkpoint (config, safetensors, tokenizer) that SGLang, transformers and the
-Megatron converter all load. Kinds: ``qwen3_moe``, ``qwen2_moe`` (with its shared expert),
-``mixtral``; ``dense_layers`` makes the listed layers plain MLPs (Qwen ``mlp_only_layers``).
+Hugging Face checkpoint (config, safetensors, tokenizer) that SGLang and transformers load. Kinds:
+``qwen3_moe``, ``qwen2_moe`` (with its shared expert), ``mixtral``, and ``glm4_moe`` (its first
+``dense_layers`` layers are plain MLPs, ``first_k_dense_replace``: a model with fewer routers than
+layers that SGLang serves; SGLang's Qwen MoE models ignore ``mlp_only_layers``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-KINDS = ("qwen3_moe", "qwen2_moe", "mixtral")
+KINDS = ("qwen3_moe", "qwen2_moe", "mixtral", "glm4_moe")
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog. ",
     "Hello world! Mixture of experts models route every token to a few experts.",
@@ -66,6 +67,15 @@ def build(kind: str, out_dir: str | Path, *, layers: int = 2, hidden: int = 64, 
                                              shared_expert_intermediate_size=hidden, num_experts=experts,
                                              norm_topk_prob=False, mlp_only_layers=list(dense_layers))
         model_cls = transformers.Qwen2MoeForCausalLM
+    elif kind == "glm4_moe":
+        if list(dense_layers) != list(range(len(dense_layers))):
+            raise ValueError("glm4_moe makes its first k layers dense: dense_layers must be 0..k-1")
+        # One expert group and no score bias: its sigmoid router then picks the top-k logits.
+        config = transformers.Glm4MoeConfig(**common, head_dim=hidden // 4, intermediate_size=2 * hidden,
+                                            moe_intermediate_size=hidden // 2, n_routed_experts=experts,
+                                            n_shared_experts=1, n_group=1, topk_group=1, norm_topk_prob=True,
+                                            first_k_dense_replace=len(dense_layers))
+        model_cls = transformers.Glm4MoeForCausalLM
     else:
         if dense_layers:
             raise ValueError("mixtral routes every layer: dense_layers is not supported")

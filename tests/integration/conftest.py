@@ -23,7 +23,9 @@ def tiny_models(tmp_path_factory):
     from routing_replay.tiny_models import build
 
     root = tmp_path_factory.mktemp("models")
-    return {kind: build(kind, root / kind, seed=i) for i, kind in enumerate(("qwen3_moe", "qwen2_moe", "mixtral"))}
+    models = {kind: build(kind, root / kind, seed=i) for i, kind in enumerate(("qwen3_moe", "qwen2_moe", "mixtral"))}
+    models["glm4_moe"] = build("glm4_moe", root / "glm4_moe", layers=3, dense_layers=[0], seed=3)
+    return models
 
 
 @pytest.fixture(scope="session")

@@ -45,7 +45,8 @@ def sglang_own_routing(response: dict, layers: int, top_k: int) -> torch.Tensor:
     import pybase64
 
     flat = np.frombuffer(pybase64.b64decode(response["meta_info"]["routed_experts"]), dtype=np.int32)
-    return torch.from_numpy(flat.copy()).view(-1, layers, top_k).long()
+    return torch.from_numpy(flat.copy()).view(len(response["output_ids"]) + response["meta_info"]["prompt_tokens"] - 1,
+                                              layers, top_k).long()
 
 
 def token_ids(server: SGLangServer, response: dict, prompt) -> list[int]:

@@ -31,11 +31,13 @@ PROMPTS = ["The quick brown fox", "Hello world! Mixture of experts models route 
            "What is 3 + 4? The answer is", "0123456789 abcdefghij"]
 
 
-def check_against_references(server, response, ours: torch.Tensor, prompt, own: bool = True) -> None:
+def check_against_references(server, response, ours: torch.Tensor, prompt, own: bool = True,
+                             moe_layers: tuple[int, ...] = (0, 1)) -> None:
     tokens = token_ids(server, response, prompt)
-    assert ours.shape == (len(tokens) - 1, LAYERS, TOP_K)  # the last token has no row
-    if own:
-        assert torch.equal(ours, sglang_own_routing(response, LAYERS, TOP_K))
+    assert ours.shape == (len(tokens) - 1, len(moe_layers), TOP_K)  # the last token has no row
+    if own:  # SGLang's own rows cover every decoder layer; ours only those with a router
+        own_rows = sglang_own_routing(response, -1, TOP_K)
+        assert torch.equal(ours, own_rows[:, list(moe_layers)])
     agreement = same_sets(ours, hf_routing(str(server.model_path), tokens[:-1], TOP_K)).float().mean().item()
     assert agreement >= 0.99, f"only {agreement:.3f} of (token, layer) routing sets agree with Hugging Face"
 
@@ -185,14 +187,17 @@ def test_weight_update_never_delivers_rows_of_old_weights(qwen3_server, tiny_mod
         update(tiny_models["qwen3_moe"], "restored", flush=True)
 
 
-@pytest.mark.parametrize("kind", ["qwen2_moe", "mixtral"])
-def test_other_moe_families(kind, tiny_models, tmp_path):
+@pytest.mark.parametrize(("kind", "moe_layers"), [("qwen2_moe", (0, 1)), ("mixtral", (0, 1)), ("glm4_moe", (1, 2))])
+def test_other_moe_families(kind, moe_layers, tiny_models, tmp_path):
+    """Qwen2-MoE (shared expert), Mixtral, and GLM4-MoE whose first layer is dense: rows map to
+    routers by layer index (router 0 is decoder layer 1 there)."""
     server = start_server(tiny_models[kind], tmp_path / f"{kind}.log", "--record-routing",
                           "--enable-return-routed-experts")
     try:
         for prompt in PROMPTS[:2]:
-            response, ours, _ = inline_routing(server, prompt, max_new_tokens=8)
-            check_against_references(server, response, ours, prompt)
+            response, ours, descriptor = inline_routing(server, prompt, max_new_tokens=8)
+            assert descriptor["layout"]["num_layers"] == len(moe_layers)
+            check_against_references(server, response, ours, prompt, moe_layers=moe_layers)
     finally:
         server.stop()
 
