@@ -37,6 +37,17 @@ def test_wire_imports_with_sglang_megatron_and_ray_blocked():
     assert result.returncode == 0, result.stderr
 
 
+def test_megatron_package_never_imports_sglang_or_ray():
+    code = "import routing_replay.megatron.hf_checkpoint, routing_replay.megatron.logprobs, routing_replay.megatron.parallel"
+    result = import_with_blocked(code.split("import ", 1)[1], ("sglang", "ray"))
+    assert result.returncode == 0, result.stderr
+
+
+def test_sglang_package_never_imports_megatron_or_ray():
+    result = import_with_blocked("routing_replay.sglang.recording, routing_replay.sglang.options", ("megatron", "ray"))
+    assert result.returncode == 0, result.stderr
+
+
 def test_top_level_package_imports_nothing_heavy():
     result = import_with_blocked("routing_replay", BLOCKED + ("torch",))
     assert result.returncode == 0, result.stderr

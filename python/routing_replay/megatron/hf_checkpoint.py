@@ -1,0 +1,254 @@
+"""Hugging Face MoE checkpoints <-> megatron-core GPTModel (Qwen3-MoE, Qwen2-MoE, Mixtral).
+
+``build_model(path)`` reads the checkpoint's config, builds a GPTModel with MoE layers (the local
+spec on CPU, TransformerEngine's where a GPU stack has it) and loads the weights; ``export_hf``
+returns the weights under Hugging Face names, ``save_hf`` writes them as safetensors (what a
+weight sync into SGLang loads). Each weight is described once, by a ``Rule``: its Megatron name, its
+Hugging Face name(s), and how to pack them into one tensor and back. Loading and exporting both
+walk the same rules, so the round trip is exact.
+
+Routing semantics carried over: Qwen3-MoE and Mixtral renormalise the top-k softmax
+(``moe_router_pre_softmax=False``: softmax over the top-k logits); Qwen2-MoE does not
+(``norm_topk_prob=False`` -> softmax over all experts, then top-k). Qwen2-MoE's shared expert keeps
+its sigmoid gate (``moe_shared_expert_gate``). Qwen ``mlp_only_layers`` become dense layers
+(``moe_layer_freq``), so there are fewer routers than layers.
+
+Loading covers tensor/expert parallel size 1 here; sharded loading is not implemented yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from routing_replay.capture.layout import moe_layer_ids
+from routing_replay.megatron import cpu_workarounds
+from routing_replay.megatron.parallel import ParallelConfig
+
+Tensors = list[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Family:
+    moe_prefix: str
+    expert_names: tuple[str, str, str]  # gate, up, down
+    qk_norm: bool
+    qkv_bias: bool
+    shared_expert: bool
+
+
+FAMILIES = {
+    "qwen3_moe": Family("mlp.", ("gate_proj", "up_proj", "down_proj"), qk_norm=True, qkv_bias=False, shared_expert=False),
+    "qwen2_moe": Family("mlp.", ("gate_proj", "up_proj", "down_proj"), qk_norm=False, qkv_bias=True, shared_expert=True),
+    "mixtral": Family("block_sparse_moe.", ("w1", "w3", "w2"), qk_norm=False, qkv_bias=False, shared_expert=False),
+}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One Megatron tensor and the Hugging Face tensors it is made of."""
+
+    mcore: str
+    hf: tuple[str, ...]
+    pack: Callable[[Tensors], torch.Tensor] = lambda ts: ts[0]
+    unpack: Callable[[torch.Tensor], Tensors] = lambda t: [t]
+
+
+def _concat_rows(ts: Tensors) -> torch.Tensor:
+    return torch.cat(ts, dim=0)
+
+
+def _split_rows(parts: int) -> Callable[[torch.Tensor], Tensors]:
+    return lambda t: list(t.chunk(parts, dim=0))
+
+
+def _qkv_rules(mcore: str, hf: tuple[str, str, str], heads: int, groups: int, head_dim: int) -> Rule:
+    """Megatron keeps q, k, v interleaved per query group: [group][q heads of the group, k, v]."""
+    per_group = heads // groups * head_dim
+
+    def pack(ts: Tensors) -> torch.Tensor:
+        q, k, v = (t.reshape(groups, -1, *t.shape[1:]) for t in ts)
+        return torch.cat([q, k, v], dim=1).reshape(-1, *ts[0].shape[1:])
+
+    def unpack(t: torch.Tensor) -> Tensors:
+        grouped = t.reshape(groups, per_group + 2 * head_dim, *t.shape[1:])
+        q, k, v = grouped.split([per_group, head_dim, head_dim], dim=1)
+        return [x.reshape(-1, *t.shape[1:]).contiguous() for x in (q, k, v)]
+
+    return Rule(mcore, hf, pack, unpack)
+
+
+def family_of(hf_config) -> Family:
+    family = FAMILIES.get(hf_config.model_type)
+    if family is None:
+        raise ValueError(f"unsupported model type {hf_config.model_type!r}; supported: {sorted(FAMILIES)}")
+    return family
+
+
+def rules(hf_config) -> list[Rule]:
+    """Every weight of the model, as Megatron name <- Hugging Face name(s)."""
+    family = family_of(hf_config)
+    heads, groups = hf_config.num_attention_heads, hf_config.num_key_value_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+    moe_layers = set(moe_layer_ids(hf_config))
+    out = [Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",)),
+           Rule("decoder.final_layernorm.weight", ("model.norm.weight",)),
+           Rule("output_layer.weight", ("lm_head.weight",))]
+    gate, up, down = family.expert_names
+    for i in range(hf_config.num_hidden_layers):
+        hf, mc = f"model.layers.{i}.", f"decoder.layers.{i}."
+        attn = tuple(f"{hf}self_attn.{p}_proj" for p in "qkv")
+        out += [_qkv_rules(f"{mc}self_attention.linear_qkv.weight", tuple(f"{a}.weight" for a in attn), heads, groups, head_dim),
+                Rule(f"{mc}self_attention.linear_proj.weight", (f"{hf}self_attn.o_proj.weight",)),
+                Rule(f"{mc}input_layernorm.weight", (f"{hf}input_layernorm.weight",)),
+                Rule(f"{mc}pre_mlp_layernorm.weight", (f"{hf}post_attention_layernorm.weight",))]
+        if family.qkv_bias:
+            out.append(_qkv_rules(f"{mc}self_attention.linear_qkv.bias", tuple(f"{a}.bias" for a in attn), heads, groups, head_dim))
+        if family.qk_norm:
+            out += [Rule(f"{mc}self_attention.q_layernorm.weight", (f"{hf}self_attn.q_norm.weight",)),
+                    Rule(f"{mc}self_attention.k_layernorm.weight", (f"{hf}self_attn.k_norm.weight",))]
+        if i not in moe_layers:
+            out += _mlp_rules(f"{mc}mlp.", f"{hf}mlp.", ("gate_proj", "up_proj", "down_proj"))
+            continue
+        moe = f"{hf}{family.moe_prefix}"
+        out.append(Rule(f"{mc}mlp.router.weight", (f"{moe}gate.weight",)))
+        for e in range(_num_experts(hf_config)):
+            out += _mlp_rules(f"{mc}mlp.experts.local_experts.{e}.", f"{moe}experts.{e}.", (gate, up, down))
+        if family.shared_expert:
+            out += _mlp_rules(f"{mc}mlp.shared_experts.", f"{moe}shared_expert.", ("gate_proj", "up_proj", "down_proj"))
+            out.append(Rule(f"{mc}mlp.shared_experts.gate_weight", (f"{moe}shared_expert_gate.weight",)))
+    return out
+
+
+def _mlp_rules(mcore_prefix: str, hf_prefix: str, names: Sequence[str]) -> list[Rule]:
+    gate, up, down = (f"{hf_prefix}{n}.weight" for n in names)
+    return [Rule(f"{mcore_prefix}linear_fc1.weight", (gate, up), _concat_rows, _split_rows(2)),
+            Rule(f"{mcore_prefix}linear_fc2.weight", (down,))]
+
+
+def _num_experts(hf_config) -> int:
+    return int(getattr(hf_config, "num_experts", None) or hf_config.num_local_experts)
+
+
+def _rope_base(hf_config) -> float:
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    return float(params.get("rope_theta") or getattr(hf_config, "rope_theta", 10000.0))
+
+
+def transformer_config(hf_config, parallel: ParallelConfig = ParallelConfig(), *, routing_replay: bool = True,
+                       dtype: torch.dtype = torch.float32, dispatcher: str = "alltoall",
+                       aux_loss_coeff: float = 0.0):
+    """The TransformerConfig that reproduces ``hf_config``'s forward."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    family = family_of(hf_config)
+    moe_layers = set(moe_layer_ids(hf_config))
+    layers = hf_config.num_hidden_layers
+    shared = getattr(hf_config, "shared_expert_intermediate_size", None) if family.shared_expert else None
+    return TransformerConfig(
+        num_layers=layers, hidden_size=hf_config.hidden_size, num_attention_heads=hf_config.num_attention_heads,
+        num_query_groups=hf_config.num_key_value_heads,
+        kv_channels=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads,
+        ffn_hidden_size=hf_config.intermediate_size, num_moe_experts=_num_experts(hf_config),
+        moe_router_topk=hf_config.num_experts_per_tok,
+        moe_ffn_hidden_size=getattr(hf_config, "moe_intermediate_size", None) or hf_config.intermediate_size,
+        moe_layer_freq=[1 if i in moe_layers else 0 for i in range(layers)],
+        # Renormalised top-k (Qwen3, Mixtral) == softmax over the top-k logits; Qwen2 keeps softmax(all)[top-k].
+        moe_router_pre_softmax=not getattr(hf_config, "norm_topk_prob", True),
+        moe_shared_expert_intermediate_size=shared, moe_shared_expert_gate=shared is not None,
+        moe_aux_loss_coeff=aux_loss_coeff, moe_token_dispatcher_type=dispatcher, moe_grouped_gemm=False,
+        moe_enable_routing_replay=routing_replay,
+        gated_linear_unit=True, activation_func=F.silu, normalization="RMSNorm",
+        layernorm_epsilon=hf_config.rms_norm_eps, qk_layernorm=family.qk_norm, add_bias_linear=False,
+        add_qkv_bias=family.qkv_bias, tensor_model_parallel_size=parallel.tensor,
+        expert_model_parallel_size=parallel.expert, pipeline_model_parallel_size=parallel.pipeline,
+        sequence_parallel=parallel.sequence_parallel, use_cpu_initialization=True, params_dtype=dtype,
+        gradient_accumulation_fusion=False, bias_activation_fusion=False, masked_softmax_fusion=False,
+        persist_layer_norm=False, bias_dropout_fusion=False, apply_rope_fusion=False,
+        attention_dropout=0.0, hidden_dropout=0.0,
+    )
+
+
+def build_model(path: str | Path, parallel: ParallelConfig = ParallelConfig(), **config_overrides):
+    """A GPTModel for the checkpoint at ``path`` with its weights loaded (parallel state must be up)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from transformers import AutoConfig
+
+    cpu_workarounds.apply()
+    if parallel.tensor > 1 or parallel.expert > 1 or parallel.pipeline > 1:
+        raise NotImplementedError("loading a Hugging Face checkpoint into sharded ranks (TP/EP/PP > 1) is not implemented yet")
+    hf_config = AutoConfig.from_pretrained(path)
+    config = transformer_config(hf_config, parallel, **config_overrides)
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=_use_transformer_engine(), normalization="RMSNorm")
+    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=hf_config.vocab_size,
+                     max_sequence_length=hf_config.max_position_embeddings, position_embedding_type="rope",
+                     rotary_base=_rope_base(hf_config),
+                     share_embeddings_and_output_weights=bool(getattr(hf_config, "tie_word_embeddings", False)))
+    load_hf(model, hf_config, _read_safetensors(Path(path)))
+    return model
+
+
+def _use_transformer_engine() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {path}")
+    weights: dict[str, torch.Tensor] = {}
+    for file in files:
+        weights.update(load_file(file))
+    return weights
+
+
+def load_hf(model, hf_config, hf_weights: dict[str, torch.Tensor]) -> None:
+    """Copies Hugging Face weights into ``model``; every weight must be used and every parameter set."""
+    state = {}
+    for rule in rules(hf_config):
+        missing = [n for n in rule.hf if n not in hf_weights]
+        if missing:
+            raise KeyError(f"checkpoint lacks {missing} (needed for {rule.mcore})")
+        state[rule.mcore] = rule.pack([hf_weights[n] for n in rule.hf])
+    used = {n for rule in rules(hf_config) for n in rule.hf}
+    unused = sorted(set(hf_weights) - used)
+    if unused:
+        raise KeyError(f"checkpoint weights not mapped to the Megatron model: {unused[:10]}")
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    if missing or result.unexpected_keys:
+        raise KeyError(f"Megatron model mismatch: missing {missing[:10]}, unexpected {result.unexpected_keys[:10]}")
+
+
+def export_hf(model, hf_config) -> dict[str, torch.Tensor]:
+    """The model's weights under Hugging Face names (inverse of ``load_hf``)."""
+    state = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for rule in rules(hf_config):
+        for name, tensor in zip(rule.hf, rule.unpack(state[rule.mcore])):
+            out[name] = tensor.detach().contiguous().clone()
+    return out
+
+
+def save_hf(model, hf_config, out_dir: str | Path) -> Path:
+    """Writes ``export_hf`` as model.safetensors plus config.json in ``out_dir``."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(export_hf(model, hf_config), str(out / "model.safetensors"))
+    hf_config.save_pretrained(out)
+    return out

@@ -1,0 +1,42 @@
+"""Process groups for megatron-core from a ParallelConfig (gloo on CPU, NCCL on GPU)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from routing_replay.megatron import cpu_workarounds
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor: int = 1
+    """Tensor-parallel size."""
+    expert: int = 1
+    """Expert-parallel size."""
+    pipeline: int = 1
+    """Pipeline-parallel size."""
+    sequence_parallel: bool = False
+    """Shard activations along the sequence across the tensor-parallel group (needs tensor > 1)."""
+
+
+def initialize(parallel: ParallelConfig, *, rank: int = 0, world_size: int = 1, master_port: int = 29517,
+               seed: int = 1234) -> None:
+    """Initialises torch.distributed (if needed) and megatron-core's parallel state."""
+    from megatron.core import parallel_state
+
+    cpu_workarounds.apply()
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(master_port))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tensor, pipeline_model_parallel_size=parallel.pipeline,
+            expert_model_parallel_size=parallel.expert,
+        )
+    cpu_workarounds.seed_rng(seed)

@@ -1,0 +1,82 @@
+"""megatron-core models from Hugging Face checkpoints: logits, log-probs, export round trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from routing_replay.megatron.hf_checkpoint import build_model, export_hf, family_of, rules, save_hf
+from routing_replay.megatron.logprobs import Batch, score
+
+
+@pytest.fixture(scope="module")
+def megatron_ready():
+    from routing_replay.megatron.parallel import ParallelConfig, initialize
+
+    initialize(ParallelConfig(), master_port=29531)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    from routing_replay.tiny_models import build
+
+    root = tmp_path_factory.mktemp("mcore-models")
+    return {
+        "qwen3_moe": build("qwen3_moe", root / "qwen3", layers=3, dense_layers=[1], seed=11),
+        "qwen2_moe": build("qwen2_moe", root / "qwen2", seed=12),
+        "mixtral": build("mixtral", root / "mixtral", seed=13),
+    }
+
+
+def hf_model(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "qwen2_moe", "mixtral"])
+def test_logits_and_logprobs_match_transformers(kind, checkpoints, megatron_ready):
+    model, reference = build_model(checkpoints[kind]).eval(), hf_model(checkpoints[kind])
+    batch = Batch.from_sequences([torch.randint(5, 200, (n,)).tolist() for n in (17, 11, 14)])
+    with torch.no_grad():
+        ours = score(model, batch, temperature=0.7)
+        for row, n in enumerate(batch.lengths.tolist()):  # each sequence alone, unpadded, through HF
+            tokens = batch.tokens[row : row + 1, :n]
+            logits = reference(tokens).logits
+            ref_logits = model(tokens, torch.arange(n)[None], attention_mask=Batch(tokens, torch.tensor([n])).attention_mask())
+            assert (ref_logits - logits).abs().max() < 1e-5
+            want = torch.log_softmax(logits[0, :-1] / 0.7, -1).gather(-1, tokens[0, 1:, None]).squeeze(-1)
+            assert torch.allclose(ours.logprobs[row, : n - 1], want, atol=1e-5)
+            assert ours.valid[row].sum() == n - 1
+
+
+def test_dense_layers_have_no_router(checkpoints, megatron_ready):
+    model = build_model(checkpoints["qwen3_moe"])
+    routers = [name for name, _ in model.named_modules() if name.endswith("mlp.router")]
+    assert routers == ["decoder.layers.0.mlp.router", "decoder.layers.2.mlp.router"]
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "qwen2_moe", "mixtral"])
+def test_export_round_trip_is_exact(kind, checkpoints, megatron_ready, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(checkpoints[kind])
+    original = load_file(checkpoints[kind] / "model.safetensors")
+    exported = export_hf(build_model(checkpoints[kind]), config)
+    assert set(exported) == set(original)
+    assert all(torch.equal(exported[name], original[name]) for name in original)
+    reloaded = build_model(save_hf(build_model(checkpoints[kind]), config, tmp_path / "export"))
+    assert all(torch.equal(a, b) for a, b in zip(export_hf(reloaded, config).values(), exported.values()))
+    assert len(rules(config)) > 0 and family_of(config)
+
+
+def test_unsupported_models_and_sharded_loading_are_refused(checkpoints, megatron_ready):
+    from types import SimpleNamespace
+
+    from routing_replay.megatron.parallel import ParallelConfig
+
+    with pytest.raises(ValueError, match="unsupported model type 'llama'"):
+        family_of(SimpleNamespace(model_type="llama"))
+    with pytest.raises(NotImplementedError, match="TP/EP/PP > 1"):
+        build_model(checkpoints["mixtral"], ParallelConfig(tensor=2))
