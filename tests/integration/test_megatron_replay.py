@@ -158,3 +158,37 @@ def _with(model, **overrides):
     for name, value in overrides.items():
         setattr(model.config, name, value)
     return model
+
+
+def test_r3_brings_float32_training_closer_to_a_bfloat16_rollout(megatron_ready, tmp_path):
+    """Rollout in bfloat16 (Hugging Face transformers as the engine), training in float32: replaying
+    the rollout's routing must shrink |log pi - log mu| compared with the trainer's own routing."""
+    from transformers import AutoModelForCausalLM
+
+    from routing_replay.tiny_models import build
+
+    path = build("qwen3_moe", tmp_path / "mm", experts=16, top_k=2, seed=5)
+    engine = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    used = []
+    for block in engine.model.layers:
+        block.mlp.gate.register_forward_hook(lambda m, i, o: used.append(o[2]))
+    gen = torch.Generator().manual_seed(0)
+    sequences = [torch.randint(5, 400, (64,), generator=gen).tolist() for _ in range(8)]
+    rows, mu = [], []
+    with torch.no_grad():
+        for seq in sequences:
+            used.clear()
+            logits = engine(torch.tensor([seq])).logits[0, :-1].float()
+            mu.append(torch.log_softmax(logits, -1).gather(1, torch.tensor(seq[1:])[:, None]).squeeze(1))
+            rows.append(torch.stack(used, 1)[:-1])  # the last token has no row
+    model = build_model(path).eval()
+    replay = ModelReplay(model)
+    batch = Batch.from_sequences(sequences)
+    with torch.no_grad():
+        own = score(model, batch).logprobs
+        indices, masks = rollout_to_router_indices(rows, [0] * len(rows), batch.tokens.shape[1])
+        with replay.replaying(indices, masks):
+            replayed = score(model, batch).logprobs
+    mu = torch.stack(mu)
+    assert replay.report().tokens_differing > 0  # bf16 and fp32 routed some tokens differently
+    assert (replayed - mu).abs().mean() < 0.95 * (own - mu).abs().mean()
