@@ -192,3 +192,15 @@ def test_r3_brings_float32_training_closer_to_a_bfloat16_rollout(megatron_ready,
     mu = torch.stack(mu)
     assert replay.report().tokens_differing > 0  # bf16 and fp32 routed some tokens differently
     assert (replayed - mu).abs().mean() < 0.95 * (own - mu).abs().mean()
+
+
+@pytest.mark.parametrize(("tensor", "expert", "dispatcher"),
+                         [(2, 1, "allgather"), (1, 2, "alltoall"), (1, 2, "allgather")],
+                         ids=["tp2-sp-allgather", "ep2-alltoall", "ep2-allgather"])
+def test_world_size_two_replays_exactly_on_every_rank(tensor, expert, dispatcher, qwen3):
+    import torch.multiprocessing as mp
+
+    from routing_replay.sglang.server import free_port
+    from tests.integration.megatron_ws2 import worker
+
+    mp.spawn(worker, args=(2, tensor, expert, dispatcher, free_port(), str(qwen3)), nprocs=2, join=True)

@@ -5,6 +5,11 @@
 - megatron-core 0.16 without TransformerEngine references ``moe_utils.te_general_gemm``, which is
   only defined when TransformerEngine imports: it is set to None.
 - ``model_parallel_cuda_manual_seed`` needs CUDA: the RNG tracker is initialised without it.
+- Sequence parallelism: the plain-torch norm (no Apex/TE on CPU) refuses ``sequence_parallel``;
+  a norm is per token, so it is built from a config copy without it and its weights are marked
+  ``sequence_parallel`` (their gradients are summed over the tensor-parallel group).
+- Expert parallelism with the alltoall dispatcher: split sizes reach ``all_to_all_single`` as
+  tensors on CPU, which torch's gloo binding rejects; they are turned into lists.
 """
 
 from __future__ import annotations
@@ -48,7 +53,42 @@ def apply() -> None:
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+    _allow_sequence_parallel_torch_norm()
+    _all_to_all_with_list_splits()
     _applied = True
+
+
+def _allow_sequence_parallel_torch_norm() -> None:
+    import dataclasses
+
+    from megatron.core.transformer import torch_norm
+
+    build = torch_norm.WrappedTorchNorm.__new__
+
+    def new(cls, config, *args, **kwargs):
+        sequence_parallel = config.sequence_parallel
+        norm = build(cls, dataclasses.replace(config, sequence_parallel=False) if sequence_parallel else config,
+                     *args, **kwargs)
+        for param in norm.parameters():
+            param.sequence_parallel = sequence_parallel
+        return norm
+
+    torch_norm.WrappedTorchNorm.__new__ = staticmethod(new)
+
+
+def _all_to_all_with_list_splits() -> None:
+    import torch.distributed as dist
+
+    original = dist.all_to_all_single
+
+    def as_list(sizes):
+        return sizes.tolist() if isinstance(sizes, torch.Tensor) else sizes
+
+    def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
+        return original(output, input, as_list(output_split_sizes), as_list(input_split_sizes), group=group,
+                        async_op=async_op)
+
+    dist.all_to_all_single = all_to_all_single
 
 
 def seed_rng(seed: int) -> None:

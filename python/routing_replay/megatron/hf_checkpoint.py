@@ -173,23 +173,37 @@ def transformer_config(hf_config, parallel: ParallelConfig = ParallelConfig(), *
     )
 
 
-def build_model(path: str | Path, parallel: ParallelConfig = ParallelConfig(), **config_overrides):
-    """A GPTModel for the checkpoint at ``path`` with its weights loaded (parallel state must be up)."""
+def build_model(path: str | Path, parallel: ParallelConfig = ParallelConfig(), *, load_weights: bool = True,
+                **config_overrides):
+    """A GPTModel for the checkpoint at ``path`` with its weights loaded (parallel state must be up).
+
+    With ``load_weights=False`` the weights are initialised from the current seed instead (the
+    same on every rank when every rank seeds alike). The vocabulary is padded to a multiple of the
+    tensor-parallel size; ``model.vocab_size`` keeps the checkpoint's, and scoring ignores the rest.
+    """
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
     from transformers import AutoConfig
 
     cpu_workarounds.apply()
-    if parallel.tensor > 1 or parallel.expert > 1 or parallel.pipeline > 1:
+    sharded = parallel.tensor > 1 or parallel.expert > 1 or parallel.pipeline > 1
+    if load_weights and sharded:
         raise NotImplementedError("loading a Hugging Face checkpoint into sharded ranks (TP/EP/PP > 1) is not implemented yet")
+    if parallel.pipeline > 1:
+        raise NotImplementedError("pipeline parallelism is not wired yet")
     hf_config = AutoConfig.from_pretrained(path)
     config = transformer_config(hf_config, parallel, **config_overrides)
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=_use_transformer_engine(), normalization="RMSNorm")
-    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=hf_config.vocab_size,
+    padded_vocab = -(-hf_config.vocab_size // parallel.tensor) * parallel.tensor
+    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=padded_vocab,
                      max_sequence_length=hf_config.max_position_embeddings, position_embedding_type="rope",
                      rotary_base=_rope_base(hf_config),
-                     share_embeddings_and_output_weights=bool(getattr(hf_config, "tie_word_embeddings", False)))
-    load_hf(model, hf_config, _read_safetensors(Path(path)))
+                     share_embeddings_and_output_weights=bool(getattr(hf_config, "tie_word_embeddings", False)),
+                     # Full logits on every tensor-parallel rank; a vocab-parallel log-softmax would save memory.
+                     parallel_output=False)
+    model.vocab_size = hf_config.vocab_size
+    if load_weights:
+        load_hf(model, hf_config, _read_safetensors(Path(path)))
     return model
 
 

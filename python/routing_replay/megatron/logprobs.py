@@ -58,7 +58,7 @@ def score(model, batch: Batch, temperature: float = 1.0) -> TokenScores:
     seq = batch.tokens.shape[1]
     positions = torch.arange(seq)[None].expand_as(batch.tokens)
     logits = model(batch.tokens, positions, attention_mask=batch.attention_mask())
-    return scores_from_logits(logits, batch, temperature)
+    return scores_from_logits(logits[..., : getattr(model, "vocab_size", logits.shape[-1])], batch, temperature)
 
 
 def scores_from_logits(logits: torch.Tensor, batch: Batch, temperature: float = 1.0) -> TokenScores:

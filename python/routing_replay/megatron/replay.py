@@ -203,3 +203,12 @@ def rollout_to_router_indices(rows: Sequence[torch.Tensor], starts: Sequence[int
         mask[start:end, b] = present
     flat_ids, flat_mask = indices.reshape(seq_len * batch, layers, top_k), mask.reshape(seq_len * batch, layers)
     return [flat_ids[:, l].contiguous() for l in range(layers)], [flat_mask[:, l].contiguous() for l in range(layers)]
+
+
+def sequence_parallel_shard(rows: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """The rows a tensor-parallel rank's routers see under sequence parallelism: Megatron splits
+    the sequence dimension, and rows are sequence-major, so rank r takes the r-th contiguous chunk."""
+    if rows.shape[0] % size:
+        raise ValueError(f"{rows.shape[0]} rows do not split evenly over {size} sequence-parallel ranks")
+    chunk = rows.shape[0] // size
+    return rows[rank * chunk : (rank + 1) * chunk]

@@ -1,0 +1,52 @@
+"""Worker for the world-size-2 replay tests (run in two spawned processes with gloo)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def worker(rank: int, world: int, tensor: int, expert: int, dispatcher: str, port: int, path: str) -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from routing_replay.megatron.hf_checkpoint import build_model
+    from routing_replay.megatron.logprobs import Batch, score
+    from routing_replay.megatron.parallel import ParallelConfig, initialize
+    from routing_replay.megatron.replay import ModelReplay, sequence_parallel_shard
+
+    os.environ["MASTER_PORT"] = str(port)
+    parallel = ParallelConfig(tensor=tensor, expert=expert, sequence_parallel=tensor > 1)
+    initialize(parallel, rank=rank, world_size=world, seed=1234)
+    model = build_model(path, parallel, load_weights=False, dispatcher=dispatcher)
+    replay = ModelReplay(model)
+    dp_rank = ps.get_data_parallel_rank()
+    gen = torch.Generator().manual_seed(100 + dp_rank)  # TP ranks share a micro-batch; DP ranks do not
+    batch = Batch.from_sequences(torch.randint(5, 300, (2, 16), generator=gen).tolist())
+
+    with torch.no_grad(), replay.recording() as recorded:
+        before = score(model, batch).logprobs
+    with torch.no_grad(), replay.replaying(recorded):
+        again = score(model, batch).logprobs
+    assert torch.equal(before, again), f"rank {rank}: record -> replay changed the log-probs"
+
+    routed = batch.tokens.numel()
+    full = [torch.rand(routed, 8, generator=torch.Generator().manual_seed(7 + dp_rank)).argsort(1)[:, :2]
+            for _ in range(replay.num_layers)]
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    mine = [sequence_parallel_shard(f, tp_rank, tensor) for f in full]
+    maps = []
+    hooks = [r.register_forward_hook(lambda m, i, o: maps.append(o[1].detach())) for r in replay.routers]
+    with replay.replaying(mine):  # verification inside raises if any rank routes differently
+        (-score(model, batch).logprobs.mean()).backward()
+    for h in hooks:
+        h.remove()
+    if tensor > 1:  # the TP ranks' maps together are the whole micro-batch's injected routing
+        for routing_map, ids in zip(maps, full):
+            parts = [torch.empty_like(routing_map) for _ in range(tensor)]
+            dist.all_gather(parts, routing_map.contiguous(), group=ps.get_tensor_model_parallel_group())
+            assert torch.equal(torch.cat(parts), torch.zeros(routed, 8, dtype=torch.bool).scatter(1, ids, True))
+    assert all(r.weight.grad is not None and r.weight.grad.abs().sum() > 0 for r in replay.routers)
+    ps.destroy_model_parallel()
+    dist.destroy_process_group()
