@@ -212,3 +212,14 @@ def sequence_parallel_shard(rows: torch.Tensor, rank: int, size: int) -> torch.T
         raise ValueError(f"{rows.shape[0]} rows do not split evenly over {size} sequence-parallel ranks")
     chunk = rows.shape[0] // size
     return rows[rank * chunk : (rank + 1) * chunk]
+
+
+def rollout_indices_from_wire(samples: Sequence, seq_len: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``rollout_to_router_indices`` for routing received over the wire (``RoutingSample``s in the
+    batch's sample order): rows start at each header's ``start``; unrecorded rows stay masked."""
+    for sample in samples:
+        if sample.header.layer_start != 0 or sample.header.layer_stop != sample.header.num_layers:
+            raise ValueError(f"{sample.header.key!r} carries layers [{sample.header.layer_start}, "
+                             f"{sample.header.layer_stop}) only; a full model needs all {sample.header.num_layers}")
+    return rollout_to_router_indices([s.routing for s in samples], [s.header.start for s in samples], seq_len,
+                                     [s.valid for s in samples])
