@@ -204,3 +204,53 @@ def test_world_size_two_replays_exactly_on_every_rank(tensor, expert, dispatcher
     from tests.integration.megatron_ws2 import worker
 
     mp.spawn(worker, args=(2, tensor, expert, dispatcher, free_port(), str(qwen3)), nprocs=2, join=True)
+
+
+def test_r2_replays_through_a_multi_mini_batch_update_loop(qwen3, megatron_ready):
+    from routing_replay.megatron.replay import RecordedRouting
+
+    model = build_model(qwen3)
+    replay = ModelReplay(model)
+    gen = torch.Generator().manual_seed(9)
+    samples = {f"s{i}": torch.randint(5, 300, (int(n),), generator=gen).tolist() for i, n in enumerate([12, 7, 15, 9])}
+    keys = list(samples)
+    old_batch = Batch.from_sequences([samples[k] for k in keys])
+    store = RecordedRouting()
+    with torch.no_grad(), replay.recording() as recorded:  # old-policy forward over the whole batch
+        old = score(model, old_batch).logprobs
+    store.add(keys, recorded, old_batch.lengths.tolist())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for step, mini in enumerate((["s2", "s0"], ["s3", "s1"])):  # other order, size and padding
+        batch = Batch.from_sequences([samples[k] for k in mini])
+        indices, masks = store.indices_for(mini, batch.tokens.shape[1])
+        optimizer.zero_grad()
+        with replay.replaying(indices, masks):  # verification inside: the old routing is used exactly
+            scores = score(model, batch)
+            (-scores.logprobs[scores.valid].mean()).backward()
+        if step == 0:  # weights unchanged so far: replayed log-probs equal the old policy's
+            for row, key in enumerate(mini):
+                n = len(samples[key]) - 1
+                assert torch.allclose(scores.logprobs[row, :n].detach(), old[keys.index(key), :n], atol=1e-6)
+        optimizer.step()
+    assert replay.report().coverage == masks[0].sum().item() / masks[0].numel()
+    with pytest.raises(KeyError, match="no recorded routing for \\['unknown'\\]"):
+        store.indices_for(["unknown"], 4)
+
+
+def test_replay_under_activation_recompute(qwen3, megatron_ready):
+    recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    batch = Batch.from_sequences([list(range(5, 21)), list(range(30, 42))])
+    plan = random_routing(batch.tokens.numel(), 2, torch.Generator().manual_seed(5))
+    grads = []
+    for overrides in ({}, recompute):
+        model = build_model(qwen3, **overrides)
+        with ModelReplay(model).replaying(plan):
+            (-score(model, batch).logprobs.mean()).backward()  # recomputed forwards replay too
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+    model = build_model(qwen3, **recompute)
+    replay = ModelReplay(model)
+    with replay.replaying(plan):
+        loss = -score(model, batch).logprobs.mean()
+    with pytest.raises(ReplayVerificationError, match="call backward\\(\\) inside the replaying\\(\\) block"):
+        loss.backward()

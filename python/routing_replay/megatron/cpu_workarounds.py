@@ -8,6 +8,8 @@
 - Sequence parallelism: the plain-torch norm (no Apex/TE on CPU) refuses ``sequence_parallel``;
   a norm is per token, so it is built from a config copy without it and its weights are marked
   ``sequence_parallel`` (their gradients are summed over the tensor-parallel group).
+- Activation recompute saves and restores the CUDA RNG state around each checkpointed block: on
+  CPU the CPU generator's state stands in.
 - Expert parallelism with the alltoall dispatcher: split sizes reach ``all_to_all_single`` as
   tensors on CPU, which torch's gloo binding rejects; they are turned into lists.
 """
@@ -55,7 +57,15 @@ def apply() -> None:
         moe_utils.te_general_gemm = None
     _allow_sequence_parallel_torch_norm()
     _all_to_all_with_list_splits()
+    _cpu_rng_state_for_recompute()
     _applied = True
+
+
+def _cpu_rng_state_for_recompute() -> None:
+    from megatron.core.tensor_parallel import random as mp_random
+
+    mp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mp_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
 
 
 def _allow_sequence_parallel_torch_norm() -> None:

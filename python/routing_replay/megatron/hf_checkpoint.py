@@ -141,15 +141,16 @@ def _rope_base(hf_config) -> float:
 
 def transformer_config(hf_config, parallel: ParallelConfig = ParallelConfig(), *, routing_replay: bool = True,
                        dtype: torch.dtype = torch.float32, dispatcher: str = "alltoall",
-                       aux_loss_coeff: float = 0.0):
-    """The TransformerConfig that reproduces ``hf_config``'s forward."""
+                       aux_loss_coeff: float = 0.0, **overrides):
+    """The TransformerConfig that reproduces ``hf_config``'s forward; ``overrides`` are further
+    TransformerConfig fields (e.g. activation recompute)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     family = family_of(hf_config)
     moe_layers = set(moe_layer_ids(hf_config))
     layers = hf_config.num_hidden_layers
     shared = getattr(hf_config, "shared_expert_intermediate_size", None) if family.shared_expert else None
-    return TransformerConfig(
+    fields = dict(
         num_layers=layers, hidden_size=hf_config.hidden_size, num_attention_heads=hf_config.num_attention_heads,
         num_query_groups=hf_config.num_key_value_heads,
         kv_channels=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads,
@@ -171,6 +172,7 @@ def transformer_config(hf_config, parallel: ParallelConfig = ParallelConfig(), *
         persist_layer_norm=False, bias_dropout_fusion=False, apply_rope_fusion=False,
         attention_dropout=0.0, hidden_dropout=0.0,
     )
+    return TransformerConfig(**{**fields, **overrides})
 
 
 def build_model(path: str | Path, parallel: ParallelConfig = ParallelConfig(), *, load_weights: bool = True,

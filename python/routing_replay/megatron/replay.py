@@ -18,7 +18,10 @@ model's routers and wraps *their* instances' ``get_replay_topk``:
 Refused at construction: ``moe_router_fusion=True`` (silently bypasses replay) and
 ``moe_expert_capacity_factor`` (token dropping changes routing after replay). Token order is
 Megatron's: sequence-major, row ``s * B + b`` (``rollout_to_router_indices`` builds it).
-Activation recompute with replay is not supported yet.
+
+Activation recompute re-runs router forwards during backward; run ``backward()`` inside the
+``replaying()`` block and the recomputed forwards replay the same routing (tested: gradients equal
+those without recompute). A recomputed forward of a replayed step outside the block raises.
 """
 
 from __future__ import annotations
@@ -64,13 +67,12 @@ class ModelReplay:
             raise ValueError("moe_router_fusion=True bypasses routing replay silently; refusing to replay")
         if config.moe_expert_capacity_factor is not None:
             raise ValueError("moe_expert_capacity_factor drops tokens after replay, changing the routing; refusing")
-        if config.recompute_granularity is not None:
-            raise NotImplementedError("routing replay with activation recompute is not supported yet")
         self.routers = [m for _, m in model.named_modules() if isinstance(m, TopKRouter)]
         self.top_k, self.num_experts = config.moe_router_topk, config.num_moe_experts
         self._plan: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._record: list[torch.Tensor | None] | None = None
         self._last: list[_LayerForward | None] = [None] * len(self.routers)
+        self._last_forward_replayed = False
         for layer, router in enumerate(self.routers):
             router.router_replay.get_replay_topk = self._topk_for(layer)
             router.register_forward_hook(self._verifier_for(layer))
@@ -145,8 +147,16 @@ class ModelReplay:
             values, own = default_compute_topk(scores, topk, num_groups=num_groups, group_topk=group_topk)
             if self._record is not None:
                 self._record[layer] = own.detach().clone()
+            in_backward = torch._C._current_graph_task_id() != -1  # activation recompute
             if self._plan is None:
+                if in_backward and self._last_forward_replayed:
+                    raise ReplayVerificationError(
+                        f"layer {layer}: activation recompute re-ran a replayed forward outside replaying(); "
+                        "call backward() inside the replaying() block")
+                if not in_backward:
+                    self._last_forward_replayed = False
                 return values, own
+            self._last_forward_replayed = True
             target, mask = self._plan[layer]
             if target.shape[0] != scores.shape[0]:
                 raise ValueError(f"layer {layer}: {target.shape[0]} replay rows for {scores.shape[0]} routed tokens")
@@ -223,3 +233,31 @@ def rollout_indices_from_wire(samples: Sequence, seq_len: int) -> tuple[list[tor
                              f"{sample.header.layer_stop}) only; a full model needs all {sample.header.num_layers}")
     return rollout_to_router_indices([s.routing for s in samples], [s.header.start for s in samples], seq_len,
                                      [s.valid for s in samples])
+
+
+class RecordedRouting:
+    """R2's store: routing recorded in the old-policy forward, kept per sample key, and
+    re-assembled for whatever micro-batches the update uses (other sizes, order, padding)."""
+
+    def __init__(self) -> None:
+        self._rows: dict[str, torch.Tensor] = {}
+
+    def add(self, keys: Sequence[str], recorded: Sequence[torch.Tensor], lengths: Sequence[int]) -> None:
+        """``recorded[l]`` ``[S * B, K]`` from ``ModelReplay.recording()`` over a batch whose sample
+        ``b`` has key ``keys[b]`` and ``lengths[b]`` real tokens."""
+        batch = len(keys)
+        per_layer = [r.view(-1, batch, r.shape[-1]) for r in recorded]  # [S, B, K], sequence-major
+        for b, (key, length) in enumerate(zip(keys, lengths)):
+            self._rows[key] = torch.stack([layer[:length, b] for layer in per_layer], dim=1).clone()
+
+    def indices_for(self, keys: Sequence[str], seq_len: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        missing = [k for k in keys if k not in self._rows]
+        if missing:
+            raise KeyError(f"no recorded routing for {missing[:5]} ({len(missing)} sample(s))")
+        return rollout_to_router_indices([self._rows[k] for k in keys], [0] * len(keys), seq_len)
+
+    def clear(self) -> None:
+        self._rows.clear()
+
+    def __len__(self) -> int:
+        return len(self._rows)
