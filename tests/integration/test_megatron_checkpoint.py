@@ -43,7 +43,8 @@ def test_logits_and_logprobs_match_transformers(kind, checkpoints, megatron_read
         for row, n in enumerate(batch.lengths.tolist()):  # each sequence alone, unpadded, through HF
             tokens = batch.tokens[row : row + 1, :n]
             logits = reference(tokens).logits
-            ref_logits = model(tokens, torch.arange(n)[None], attention_mask=Batch(tokens, torch.tensor([n])).attention_mask())
+            alone = Batch.from_sequences([tokens[0].tolist()])
+            ref_logits = model(tokens, alone.positions(), attention_mask=alone.attention_mask())
             assert (ref_logits - logits).abs().max() < 1e-5
             want = torch.log_softmax(logits[0, :-1] / 0.7, -1).gather(-1, tokens[0, 1:, None]).squeeze(-1)
             assert torch.allclose(ours.logprobs[row, : n - 1], want, atol=1e-5)

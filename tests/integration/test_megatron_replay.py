@@ -254,3 +254,25 @@ def test_replay_under_activation_recompute(qwen3, megatron_ready):
         loss = -score(model, batch).logprobs.mean()
     with pytest.raises(ReplayVerificationError, match="call backward\\(\\) inside the replaying\\(\\) block"):
         loss.backward()
+
+
+def test_packed_batches_score_and_replay_like_padded_ones(qwen3, megatron_ready):
+    model = build_model(qwen3).eval()
+    replay = ModelReplay(model)
+    gen = torch.Generator().manual_seed(12)
+    sequences = [torch.randint(5, 300, (n,), generator=gen).tolist() for n in (9, 5, 12, 6)]
+    padded, packed = Batch.from_sequences(sequences), Batch.packed(sequences, row_len=16)
+    assert packed.tokens.shape[0] < padded.tokens.shape[0]  # sequences share rows
+    rows = [torch.rand(len(s) - 1, 2, 8, generator=gen).argsort(-1)[..., :TOP_K] for s in sequences]
+    scored = {}
+    with torch.no_grad():
+        for name, batch in (("padded", padded), ("packed", packed)):
+            indices, masks = rollout_to_router_indices(rows, [0] * len(rows), batch.tokens.shape[1],
+                                                       placements=batch.placements)
+            with replay.replaying(indices, masks):
+                scores = score(model, batch)
+            scored[name] = [scores.logprobs[row, offset : offset + len(seq) - 1]
+                            for seq, (row, offset) in zip(sequences, batch.placements)]
+            assert int(scores.valid.sum()) == sum(len(s) - 1 for s in sequences)
+    for a, b in zip(scored["padded"], scored["packed"]):
+        assert torch.allclose(a, b, atol=1e-5)

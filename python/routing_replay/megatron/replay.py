@@ -190,27 +190,30 @@ def _same_sets(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def rollout_to_router_indices(rows: Sequence[torch.Tensor], starts: Sequence[int], seq_len: int,
-                              valid: Sequence[torch.Tensor | None] | None = None
+                              valid: Sequence[torch.Tensor | None] | None = None,
+                              placements: Sequence[tuple[int, int]] | None = None,
                               ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Rollout routing per sample (``rows[b]`` ``[r_b, L, K]`` covering sequence positions
-    ``starts[b] ..``) -> per router ``[seq_len * B, K]`` indices in Megatron's sequence-major token
+    """Rollout routing per sample (``rows[i]`` ``[r_i, L, K]`` covering sequence positions
+    ``starts[i] ..``) -> per router ``[seq_len * B, K]`` indices in Megatron's sequence-major token
     order (row ``s * B + b``) and ``[seq_len * B]`` masks, False where no row exists (the last token,
-    padding, positions before ``start``, or rows the rollout did not record)."""
-    batch = len(rows)
+    padding, positions before ``start``, or rows the rollout did not record). Sample ``i`` sits in
+    batch row ``i`` at offset 0, or where ``placements[i] = (row, offset)`` says (packed batches)."""
+    placements = list(placements) if placements is not None else [(i, 0) for i in range(len(rows))]
+    batch = 1 + max(row for row, _ in placements)
     layers, top_k = rows[0].shape[1], rows[0].shape[2]
     indices = torch.zeros(seq_len, batch, layers, top_k, dtype=torch.int64)
     mask = torch.zeros(seq_len, batch, layers, dtype=torch.bool)
-    for b, (sample, start) in enumerate(zip(rows, starts)):
+    for i, (sample, start, (b, offset)) in enumerate(zip(rows, starts, placements)):
         if sample.shape[1:] != (layers, top_k):
-            raise ValueError(f"sample {b}: rows of shape {tuple(sample.shape[1:])}, expected {(layers, top_k)}")
-        end = start + sample.shape[0]
+            raise ValueError(f"sample {i}: rows of shape {tuple(sample.shape[1:])}, expected {(layers, top_k)}")
+        begin, end = offset + start, offset + start + sample.shape[0]
         if end > seq_len:
-            raise ValueError(f"sample {b}: rows reach position {end} beyond the batch's {seq_len} positions")
-        indices[start:end, b] = sample.long()
+            raise ValueError(f"sample {i}: rows reach position {end} beyond the batch's {seq_len} positions")
+        indices[begin:end, b] = sample.long()
         present = torch.ones(sample.shape[:2], dtype=torch.bool)
-        if valid is not None and valid[b] is not None:
-            present = valid[b].bool()
-        mask[start:end, b] = present
+        if valid is not None and valid[i] is not None:
+            present = valid[i].bool()
+        mask[begin:end, b] = present
     flat_ids, flat_mask = indices.reshape(seq_len * batch, layers, top_k), mask.reshape(seq_len * batch, layers)
     return [flat_ids[:, l].contiguous() for l in range(layers)], [flat_mask[:, l].contiguous() for l in range(layers)]
 
@@ -261,3 +264,20 @@ class RecordedRouting:
 
     def __len__(self) -> int:
         return len(self._rows)
+
+
+def context_parallel_positions(seq_len: int, cp_size: int, cp_rank: int) -> torch.Tensor:
+    """Sequence positions a context-parallel rank holds: Megatron splits the sequence into
+    ``2 * cp_size`` chunks and gives rank r chunks r and ``2 * cp_size - 1 - r`` (causal load balance)."""
+    if seq_len % (2 * cp_size):
+        raise ValueError(f"sequence length {seq_len} is not divisible by 2 x context-parallel size {cp_size}")
+    chunk = seq_len // (2 * cp_size)
+    first, second = cp_rank * chunk, (2 * cp_size - 1 - cp_rank) * chunk
+    return torch.cat([torch.arange(first, first + chunk), torch.arange(second, second + chunk)])
+
+
+def context_parallel_rows(rows: torch.Tensor, batch: int, cp_size: int, cp_rank: int) -> torch.Tensor:
+    """The sequence-major rows (``[S * B, ...]``) a context-parallel rank's routers see, in its order."""
+    seq_len = rows.shape[0] // batch
+    local = rows.view(seq_len, batch, *rows.shape[1:])[context_parallel_positions(seq_len, cp_size, cp_rank)]
+    return local.reshape(-1, *rows.shape[1:])
