@@ -50,3 +50,27 @@ def worker(rank: int, world: int, tensor: int, expert: int, dispatcher: str, por
     assert all(r.weight.grad is not None and r.weight.grad.abs().sum() > 0 for r in replay.routers)
     ps.destroy_model_parallel()
     dist.destroy_process_group()
+
+
+def parity_worker(rank: int, world: int, tensor: int, expert: int, port: int, path: str) -> None:
+    """Each rank loads its shard of the checkpoint; full logits must equal transformers'."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from transformers import AutoModelForCausalLM
+
+    from routing_replay.megatron.hf_checkpoint import build_model
+    from routing_replay.megatron.logprobs import Batch
+    from routing_replay.megatron.parallel import ParallelConfig, initialize
+
+    os.environ["MASTER_PORT"] = str(port)
+    parallel = ParallelConfig(tensor=tensor, expert=expert, sequence_parallel=tensor > 1)
+    initialize(parallel, rank=rank, world_size=world)
+    model = build_model(path, parallel, dispatcher="alltoall" if expert > 1 else "allgather").eval()
+    tokens = torch.randint(5, 300, (2, 16), generator=torch.Generator().manual_seed(3 + ps.get_data_parallel_rank()))
+    batch = Batch.from_sequences(tokens.tolist())
+    with torch.no_grad():
+        ours = model(batch.tokens, batch.positions(), attention_mask=batch.attention_mask())[..., : model.vocab_size]
+        want = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()(tokens).logits
+    assert (ours - want).abs().max() < 1e-5, f"rank {rank}: max |dlogits| {(ours - want).abs().max()}"
+    ps.destroy_model_parallel()
+    dist.destroy_process_group()

@@ -13,7 +13,10 @@ Routing semantics carried over: Qwen3-MoE and Mixtral renormalise the top-k soft
 its sigmoid gate (``moe_shared_expert_gate``). Qwen ``mlp_only_layers`` become dense layers
 (``moe_layer_freq``), so there are fewer routers than layers.
 
-Loading covers tensor/expert parallel size 1 here; sharded loading is not implemented yet.
+Tensor- and expert-parallel ranks load their own shard: each parameter is cut from the full
+tensor according to how megatron-core marks it (``tensor_model_parallel``, ``partition_dim``;
+GLU ``linear_fc1`` halves are cut separately; experts are renumbered per expert-parallel rank).
+Export gathers nothing yet: it is correct at tensor/expert parallel size 1.
 """
 
 from __future__ import annotations
@@ -188,9 +191,6 @@ def build_model(path: str | Path, parallel: ParallelConfig = ParallelConfig(), *
     from transformers import AutoConfig
 
     cpu_workarounds.apply()
-    sharded = parallel.tensor > 1 or parallel.expert > 1 or parallel.pipeline > 1
-    if load_weights and sharded:
-        raise NotImplementedError("loading a Hugging Face checkpoint into sharded ranks (TP/EP/PP > 1) is not implemented yet")
     if parallel.pipeline > 1:
         raise NotImplementedError("pipeline parallelism is not wired yet")
     hf_config = AutoConfig.from_pretrained(path)
@@ -243,14 +243,53 @@ def load_hf(model, hf_config, hf_weights: dict[str, torch.Tensor]) -> None:
     unused = sorted(set(hf_weights) - used)
     if unused:
         raise KeyError(f"checkpoint weights not mapped to the Megatron model: {unused[:10]}")
-    result = model.load_state_dict(state, strict=False)
+    result = model.load_state_dict(_this_ranks_shard(model, state), strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if missing or result.unexpected_keys:
         raise KeyError(f"Megatron model mismatch: missing {missing[:10]}, unexpected {result.unexpected_keys[:10]}")
 
 
+def _this_ranks_shard(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Cuts the full Megatron-named tensors down to what this rank's parameters hold."""
+    from megatron.core import parallel_state as ps
+
+    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    etp, etp_rank = ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_rank()
+    experts_per_rank = model.config.num_moe_experts // ps.get_expert_model_parallel_world_size()
+    first_expert = ps.get_expert_model_parallel_rank() * experts_per_rank
+    out = {}
+    for name, param in model.state_dict(keep_vars=True).items():
+        if name.endswith("_extra_state"):
+            continue
+        full = state[_global_expert_name(name, first_expert)]
+        if name in ("embedding.word_embeddings.weight", "output_layer.weight") and full.shape[0] < param.shape[0] * tp:
+            full = torch.cat([full, full.new_zeros(param.shape[0] * tp - full.shape[0], *full.shape[1:])])
+        size, rank = (etp, etp_rank) if ".local_experts." in name else (tp, tp_rank)
+        if getattr(param, "tensor_model_parallel", False) and size > 1:
+            full = _shard(name, full, param.partition_dim, size, rank)
+        if full.shape != param.shape:
+            raise ValueError(f"{name}: shard of shape {tuple(full.shape)} for a parameter of {tuple(param.shape)}")
+        out[name] = full
+    return out
+
+
+def _global_expert_name(name: str, first_expert: int) -> str:
+    marker = ".local_experts."
+    if marker not in name:
+        return name
+    head, tail = name.split(marker)
+    local, rest = tail.split(".", 1)
+    return f"{head}{marker}{first_expert + int(local)}.{rest}"
+
+
+def _shard(name: str, full: torch.Tensor, dim: int, size: int, rank: int) -> torch.Tensor:
+    if name.endswith("linear_fc1.weight"):  # [gate; up]: each rank holds [gate shard; up shard]
+        return torch.cat([half.chunk(size, dim=dim)[rank] for half in full.chunk(2, dim=0)], dim=0)
+    return full.chunk(size, dim=dim)[rank]  # qkv rows are grouped by query group: a contiguous cut
+
+
 def export_hf(model, hf_config) -> dict[str, torch.Tensor]:
-    """The model's weights under Hugging Face names (inverse of ``load_hf``)."""
+    """The model's weights under Hugging Face names (inverse of ``load_hf``; TP = EP = 1)."""
     state = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     for rule in rules(hf_config):
