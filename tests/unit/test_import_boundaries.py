@@ -48,6 +48,12 @@ def test_sglang_package_never_imports_megatron_or_ray():
     assert result.returncode == 0, result.stderr
 
 
+def test_rl_algorithm_imports_only_torch():
+    modules = "routing_replay.rl.advantages, routing_replay.rl.corrections, routing_replay.rl.objective, routing_replay.rl.metrics"
+    result = import_with_blocked(modules, BLOCKED)
+    assert result.returncode == 0, result.stderr
+
+
 def test_top_level_package_imports_nothing_heavy():
     result = import_with_blocked("routing_replay", BLOCKED + ("torch",))
     assert result.returncode == 0, result.stderr

@@ -1,0 +1,44 @@
+"""The token-level surrogate with both factors explicit.
+
+    loss = - sum_t w_t * min(s_t * A, clip(s_t, 1 - eps_low, 1 + eps_high) * A) / N
+
+where s_t = pi_theta(y_t) / pi_old(y_t) is the staleness factor (PPO-clipped), w_t the corrected
+mismatch factor pi_old / mu_old (``corrections.weights``), A the sequence's advantage broadcast to
+its tokens, and N the number of valid tokens in the global batch (token-mean). With no correction
+and no clipping active, w_t * s_t = pi_theta / mu_old: the seed's objective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Clip:
+    low: float = 0.2
+    high: float = 0.28
+
+
+@dataclass(frozen=True)
+class LossTerms:
+    loss: torch.Tensor
+    clip_fraction: torch.Tensor
+    """Fraction of valid tokens where the clipped branch was taken."""
+
+
+def token_loss(logp_theta: torch.Tensor, logp_old: torch.Tensor, correction_weights: torch.Tensor,
+               advantages: torch.Tensor, mask: torch.Tensor, clip: Clip, num_tokens: int | None = None) -> LossTerms:
+    """``logp_*``, ``correction_weights``, ``mask`` are ``[B, T]``; ``advantages`` is ``[B]``.
+    ``num_tokens`` normalises across mini-batches (default: this batch's valid tokens)."""
+    mask = mask.float()
+    staleness = torch.exp(logp_theta - logp_old.detach())
+    adv = advantages[:, None].float()
+    unclipped = staleness * adv
+    clipped = staleness.clamp(1 - clip.low, 1 + clip.high) * adv
+    surrogate = torch.minimum(unclipped, clipped)
+    total = num_tokens if num_tokens is not None else mask.sum().clamp(min=1)
+    loss = -(correction_weights.detach() * surrogate * mask).sum() / total
+    took_clip = (clipped < unclipped).float() * mask
+    return LossTerms(loss, took_clip.sum() / mask.sum().clamp(min=1))
