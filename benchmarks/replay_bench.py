@@ -37,7 +37,7 @@ def main() -> None:
     args = parser.parse_args()
     shape = dict(layers=2, hidden=64, experts=8, top_k=2) if args.smoke else dict(layers=4, hidden=256, experts=32, top_k=4)
     batch_size, seq, reps = (2, 32, 2) if args.smoke else (4, 256, args.reps)
-    initialize(ParallelConfig(), master_port=29561)
+    initialize(ParallelConfig())
     path = build("qwen3_moe", Path(tempfile.mkdtemp()) / "model", **shape)
     model = build_model(path)
     replay = ModelReplay(model)

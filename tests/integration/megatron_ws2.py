@@ -53,7 +53,8 @@ def worker(rank: int, world: int, tensor: int, expert: int, dispatcher: str, por
 
 
 def parity_worker(rank: int, world: int, tensor: int, expert: int, port: int, path: str) -> None:
-    """Each rank loads its shard of the checkpoint; full logits must equal transformers'."""
+    """Each rank loads its shard of the checkpoint; full logits must equal transformers', and the
+    export gathered from the shards must equal the checkpoint bit for bit."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from transformers import AutoModelForCausalLM
@@ -72,5 +73,14 @@ def parity_worker(rank: int, world: int, tensor: int, expert: int, port: int, pa
         ours = model(batch.tokens, batch.positions(), attention_mask=batch.attention_mask())[..., : model.vocab_size]
         want = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()(tokens).logits
     assert (ours - want).abs().max() < 1e-5, f"rank {rank}: max |dlogits| {(ours - want).abs().max()}"
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from routing_replay.megatron.hf_checkpoint import export_hf
+
+    original = load_file(f"{path}/model.safetensors")
+    exported = export_hf(model, AutoConfig.from_pretrained(path))  # gathered from both ranks
+    assert set(exported) == set(original)
+    assert all(torch.equal(exported[k], original[k]) for k in original), f"rank {rank}: export differs"
     ps.destroy_model_parallel()
     dist.destroy_process_group()

@@ -13,7 +13,7 @@ from routing_replay.megatron.logprobs import Batch, score
 def megatron_ready():
     from routing_replay.megatron.parallel import ParallelConfig, initialize
 
-    initialize(ParallelConfig(), master_port=29531)
+    initialize(ParallelConfig())
 
 
 @pytest.fixture(scope="module")

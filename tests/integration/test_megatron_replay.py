@@ -16,7 +16,7 @@ TOP_K, EXPERTS = 2, 8
 def megatron_ready():
     from routing_replay.megatron.parallel import ParallelConfig, initialize
 
-    initialize(ParallelConfig(), master_port=29532)
+    initialize(ParallelConfig())
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from tests.integration.sglang_support import generate
 def test_sglang_routing_replays_in_megatron(qwen3_server, routing_collector, tiny_models):
     from routing_replay.megatron.parallel import ParallelConfig, initialize
 
-    initialize(ParallelConfig(), master_port=29533)
+    initialize(ParallelConfig())
     prompts = [[11, 22, 33, 44, 55, 66, 77], [101, 102, 103, 104]]
     sequences, keys = [], []
     for i, prompt in enumerate(prompts):

@@ -16,7 +16,7 @@ its sigmoid gate (``moe_shared_expert_gate``). Qwen ``mlp_only_layers`` become d
 Tensor- and expert-parallel ranks load their own shard: each parameter is cut from the full
 tensor according to how megatron-core marks it (``tensor_model_parallel``, ``partition_dim``;
 GLU ``linear_fc1`` halves are cut separately; experts are renumbered per expert-parallel rank).
-Export gathers nothing yet: it is correct at tensor/expert parallel size 1.
+Export is the inverse: every rank gathers the full tensors back (``full_state``), collectively.
 """
 
 from __future__ import annotations
@@ -288,9 +288,55 @@ def _shard(name: str, full: torch.Tensor, dim: int, size: int, rank: int) -> tor
     return full.chunk(size, dim=dim)[rank]  # qkv rows are grouped by query group: a contiguous cut
 
 
+def full_state(model) -> dict[str, torch.Tensor]:
+    """The unsharded Megatron-named weights, on every rank (collective over TP and EP groups)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    groups = {False: (ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_group()),
+              True: (ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_group())}
+    ep_size, ep_group = ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_group()
+    experts_per_rank = model.config.num_moe_experts // ep_size
+    out: dict[str, torch.Tensor] = {}
+    for name, param in model.state_dict(keep_vars=True).items():
+        if name.endswith("_extra_state"):
+            continue
+        tensor = param.detach().contiguous()
+        expert = ".local_experts." in name
+        size, group = groups[expert]
+        if getattr(param, "tensor_model_parallel", False) and size > 1:
+            tensor = _unshard(name, _gather(tensor, size, group), param.partition_dim)
+        if not expert or ep_size == 1:
+            out[name] = tensor
+            continue
+        for ep_rank, part in enumerate(_gather(tensor, ep_size, ep_group)):
+            out[_global_expert_name(name, ep_rank * experts_per_rank)] = part
+    vocab = getattr(model, "vocab_size", None)
+    for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        if vocab is not None and name in out:
+            out[name] = out[name][:vocab]
+    return out
+
+
+def _gather(tensor: torch.Tensor, size: int, group) -> list[torch.Tensor]:
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(tensor) for _ in range(size)]
+    dist.all_gather(parts, tensor, group=group)
+    return parts
+
+
+def _unshard(name: str, parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    if name.endswith("linear_fc1.weight"):  # each part is [gate shard; up shard]
+        halves = [p.chunk(2, dim=0) for p in parts]
+        return torch.cat([torch.cat([h[0] for h in halves], dim=dim), torch.cat([h[1] for h in halves], dim=dim)])
+    return torch.cat(parts, dim=dim)
+
+
 def export_hf(model, hf_config) -> dict[str, torch.Tensor]:
-    """The model's weights under Hugging Face names (inverse of ``load_hf``; TP = EP = 1)."""
-    state = model.state_dict()
+    """The model's weights under Hugging Face names (inverse of ``load_hf``); collective when the
+    model is sharded, every rank gets the full set."""
+    state = full_state(model)
     out: dict[str, torch.Tensor] = {}
     for rule in rules(hf_config):
         for name, tensor in zip(rule.hf, rule.unpack(state[rule.mcore])):

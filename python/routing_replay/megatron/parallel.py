@@ -23,15 +23,20 @@ class ParallelConfig:
     """Shard activations along the sequence across the tensor-parallel group (needs tensor > 1)."""
 
 
-def initialize(parallel: ParallelConfig, *, rank: int = 0, world_size: int = 1, master_port: int = 29517,
+def initialize(parallel: ParallelConfig, *, rank: int = 0, world_size: int = 1, master_port: int | None = None,
                seed: int = 1234) -> None:
-    """Initialises torch.distributed (if needed) and megatron-core's parallel state."""
+    """Initialises torch.distributed (if needed) and megatron-core's parallel state. Without
+    ``master_port`` (single process) a free loopback port is used; multi-process callers pass one
+    port to every rank, or set MASTER_ADDR/MASTER_PORT themselves."""
     from megatron.core import parallel_state
 
     cpu_workarounds.apply()
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(master_port))
+        if master_port is not None:
+            os.environ["MASTER_PORT"] = str(master_port)
+        elif world_size == 1 or "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = str(_free_port())
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
     if not parallel_state.model_parallel_is_initialized():
@@ -40,3 +45,11 @@ def initialize(parallel: ParallelConfig, *, rank: int = 0, world_size: int = 1, 
             expert_model_parallel_size=parallel.expert,
         )
     cpu_workarounds.seed_rng(seed)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
