@@ -84,3 +84,54 @@ def parity_worker(rank: int, world: int, tensor: int, expert: int, port: int, pa
     assert all(torch.equal(exported[k], original[k]) for k in original), f"rank {rank}: export differs"
     ps.destroy_model_parallel()
     dist.destroy_process_group()
+
+
+def pipeline_worker(rank: int, world: int, port: int, path: str) -> None:
+    """Two pipeline stages: each loads its layers; the last stage's logits equal transformers', and
+    replaying the routing recorded on each stage reproduces them exactly."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from transformers import AutoModelForCausalLM
+
+    from routing_replay.megatron import cpu_workarounds
+    from routing_replay.megatron.hf_checkpoint import build_model
+    from routing_replay.megatron.logprobs import Batch
+    from routing_replay.megatron.parallel import ParallelConfig, initialize
+    from routing_replay.megatron.replay import ModelReplay
+
+    os.environ["MASTER_PORT"] = str(port)
+    initialize(ParallelConfig(pipeline=2), rank=rank, world_size=world)
+    model = build_model(path, ParallelConfig(pipeline=2)).eval()
+    replay = ModelReplay(model)
+    tokens = torch.randint(5, 300, (2, 16), generator=torch.Generator().manual_seed(4))
+    batch = Batch.from_sequences(tokens.tolist())
+    outputs = []
+
+    def forward_step(data_iterator, stage_model):
+        output = stage_model(batch.tokens, batch.positions(), attention_mask=batch.attention_mask())
+
+        def keep(out):
+            outputs.append(out.detach())
+            return out.sum() * 0, {}
+
+        return output, keep
+
+    def run():
+        outputs.clear()
+        with cpu_workarounds.pipeline_schedules_on_cpu():
+            get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([None]), model=[model],
+                                        num_microbatches=1, seq_length=16, micro_batch_size=2, forward_only=True)
+        return outputs[0] if outputs else None
+
+    with torch.no_grad(), replay.recording() as recorded:
+        logits = run()
+    with torch.no_grad(), replay.replaying(recorded):
+        again = run()
+    assert len(replay.routers) == 1  # each stage holds one of the two MoE layers
+    if ps.is_pipeline_last_stage():
+        want = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()(tokens).logits
+        assert (logits[..., : model.vocab_size] - want).abs().max() < 1e-5
+        assert torch.equal(logits, again)
+    ps.destroy_model_parallel()
+    dist.destroy_process_group()

@@ -1,7 +1,8 @@
 """megatron-core on a machine without CUDA: every piece applies only when torch sees no GPU.
 
 - RoPE and router gating call ``torch.cuda.current_device()``: it returns "cpu".
-- The alltoall token dispatcher uses CUDA streams: a do-nothing stream stands in.
+- The alltoall token dispatcher uses CUDA streams, pipeline p2p synchronises the device: a
+  do-nothing stream and synchronize stand in.
 - megatron-core 0.16 without TransformerEngine references ``moe_utils.te_general_gemm``, which is
   only defined when TransformerEngine imports: it is set to None.
 - ``model_parallel_cuda_manual_seed`` needs CUDA: the RNG tracker is initialised without it.
@@ -10,6 +11,8 @@
   ``sequence_parallel`` (their gradients are summed over the tensor-parallel group).
 - Activation recompute saves and restores the CUDA RNG state around each checkpointed block: on
   CPU the CPU generator's state stands in.
+- Pipeline schedules create tensors with ``device="cuda"``: ``pipeline_schedules_on_cpu()`` sends
+  such factory calls to the CPU while a schedule runs (a no-op where there is a GPU).
 - Expert parallelism with the alltoall dispatcher: split sizes reach ``all_to_all_single`` as
   tensors on CPU, which torch's gloo binding rejects; they are turned into lists.
 """
@@ -51,6 +54,7 @@ def apply() -> None:
     torch.cuda.Stream = _NoStream
     torch.cuda.current_stream = lambda *args, **kwargs: _NoStream()
     torch.cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
+    torch.cuda.synchronize = lambda *args, **kwargs: None  # pipeline p2p syncs the device after sends
     import megatron.core.transformer.moe.moe_utils as moe_utils
 
     if not hasattr(moe_utils, "te_general_gemm"):
@@ -99,6 +103,25 @@ def _all_to_all_with_list_splits() -> None:
                         async_op=async_op)
 
     dist.all_to_all_single = all_to_all_single
+
+
+class _CudaFactoryCallsToCpu(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        if (isinstance(device, torch.device) and device.type == "cuda") or (isinstance(device, str) and device.startswith("cuda")):
+            kwargs["device"] = "cpu"
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def pipeline_schedules_on_cpu():
+    """Wrap megatron-core pipeline schedule calls with this; it does nothing where there is a GPU."""
+    if torch.cuda.is_available():
+        yield
+        return
+    with _CudaFactoryCallsToCpu():
+        yield
 
 
 def seed_rng(seed: int) -> None:

@@ -17,6 +17,8 @@ Tensor- and expert-parallel ranks load their own shard: each parameter is cut fr
 tensor according to how megatron-core marks it (``tensor_model_parallel``, ``partition_dim``;
 GLU ``linear_fc1`` halves are cut separately; experts are renumbered per expert-parallel rank).
 Export is the inverse: every rank gathers the full tensors back (``full_state``), collectively.
+Pipeline stages build only their layers (numbered from 0 per stage, global in the checkpoint);
+export from pipeline stages is not implemented yet.
 """
 
 from __future__ import annotations
@@ -191,18 +193,23 @@ def build_model(path: str | Path, parallel: ParallelConfig = ParallelConfig(), *
     from transformers import AutoConfig
 
     cpu_workarounds.apply()
-    if parallel.pipeline > 1:
-        raise NotImplementedError("pipeline parallelism is not wired yet")
+    from megatron.core import parallel_state as ps
+
     hf_config = AutoConfig.from_pretrained(path)
+    if parallel.pipeline > 1:  # megatron needs the dtype of the activations it passes between stages
+        config_overrides.setdefault("pipeline_dtype", config_overrides.get("dtype", torch.float32))
     config = transformer_config(hf_config, parallel, **config_overrides)
-    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=_use_transformer_engine(), normalization="RMSNorm")
+    pp_rank = ps.get_pipeline_model_parallel_rank()
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=_use_transformer_engine(), normalization="RMSNorm",
+                                      pp_rank=pp_rank)
     padded_vocab = -(-hf_config.vocab_size // parallel.tensor) * parallel.tensor
     model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=padded_vocab,
                      max_sequence_length=hf_config.max_position_embeddings, position_embedding_type="rope",
                      rotary_base=_rope_base(hf_config),
                      share_embeddings_and_output_weights=bool(getattr(hf_config, "tie_word_embeddings", False)),
                      # Full logits on every tensor-parallel rank; a vocab-parallel log-softmax would save memory.
-                     parallel_output=False)
+                     parallel_output=False, pre_process=ps.is_pipeline_first_stage(),
+                     post_process=ps.is_pipeline_last_stage())
     model.vocab_size = hf_config.vocab_size
     if load_weights:
         load_hf(model, hf_config, _read_safetensors(Path(path)))
@@ -257,11 +264,12 @@ def _this_ranks_shard(model, state: dict[str, torch.Tensor]) -> dict[str, torch.
     etp, etp_rank = ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_rank()
     experts_per_rank = model.config.num_moe_experts // ps.get_expert_model_parallel_world_size()
     first_expert = ps.get_expert_model_parallel_rank() * experts_per_rank
+    first_layer = _first_layer_of_stage(model)
     out = {}
     for name, param in model.state_dict(keep_vars=True).items():
         if name.endswith("_extra_state"):
             continue
-        full = state[_global_expert_name(name, first_expert)]
+        full = state[_global_layer_name(_global_expert_name(name, first_expert), first_layer)]
         if name in ("embedding.word_embeddings.weight", "output_layer.weight") and full.shape[0] < param.shape[0] * tp:
             full = torch.cat([full, full.new_zeros(param.shape[0] * tp - full.shape[0], *full.shape[1:])])
         size, rank = (etp, etp_rank) if ".local_experts." in name else (tp, tp_rank)
@@ -271,6 +279,21 @@ def _this_ranks_shard(model, state: dict[str, torch.Tensor]) -> dict[str, torch.
             raise ValueError(f"{name}: shard of shape {tuple(full.shape)} for a parameter of {tuple(param.shape)}")
         out[name] = full
     return out
+
+
+def _first_layer_of_stage(model) -> int:
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    return get_transformer_layer_offset(model.config)
+
+
+def _global_layer_name(name: str, first_layer: int) -> str:
+    """A pipeline stage numbers its layers from 0; the checkpoint numbers them globally."""
+    prefix = "decoder.layers."
+    if not name.startswith(prefix) or first_layer == 0:
+        return name
+    local, rest = name[len(prefix):].split(".", 1)
+    return f"{prefix}{first_layer + int(local)}.{rest}"
 
 
 def _global_expert_name(name: str, first_expert: int) -> str:
@@ -290,9 +313,10 @@ def _shard(name: str, full: torch.Tensor, dim: int, size: int, rank: int) -> tor
 
 def full_state(model) -> dict[str, torch.Tensor]:
     """The unsharded Megatron-named weights, on every rank (collective over TP and EP groups)."""
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        raise NotImplementedError("export from pipeline stages is not implemented yet (gather the stages first)")
     groups = {False: (ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_group()),
               True: (ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_group())}
     ep_size, ep_group = ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_group()
