@@ -1,7 +1,7 @@
 """Hugging Face MoE checkpoints <-> megatron-core GPTModel (Qwen3-MoE, Qwen2-MoE, Mixtral).
 
-``build_model(path)`` reads the checkpoint's config, builds a GPTModel with MoE layers (the local
-spec on CPU, TransformerEngine's where a GPU stack has it) and loads the weights; ``export_hf``
+``build_model(path)`` reads the checkpoint's config, builds a GPTModel with MoE layers (megatron-core's
+local spec; TransformerEngine's is not mapped yet) and loads the weights; ``export_hf``
 returns the weights under Hugging Face names, ``save_hf`` writes them as safetensors (what a
 weight sync into SGLang loads). Each weight is described once, by a ``Rule``: its Megatron name, its
 Hugging Face name(s), and how to pack them into one tensor and back. Loading and exporting both
@@ -172,6 +172,7 @@ def transformer_config(hf_config, parallel: ParallelConfig = ParallelConfig(), *
         layernorm_epsilon=hf_config.rms_norm_eps, qk_layernorm=family.qk_norm, add_bias_linear=False,
         add_qkv_bias=family.qkv_bias, tensor_model_parallel_size=parallel.tensor,
         expert_model_parallel_size=parallel.expert, pipeline_model_parallel_size=parallel.pipeline,
+        context_parallel_size=parallel.context,
         sequence_parallel=parallel.sequence_parallel, use_cpu_initialization=True, params_dtype=dtype,
         gradient_accumulation_fusion=False, bias_activation_fusion=False, masked_softmax_fusion=False,
         persist_layer_norm=False, bias_dropout_fusion=False, apply_rope_fusion=False,
@@ -200,8 +201,9 @@ def build_model(path: str | Path, parallel: ParallelConfig = ParallelConfig(), *
         config_overrides.setdefault("pipeline_dtype", config_overrides.get("dtype", torch.float32))
     config = transformer_config(hf_config, parallel, **config_overrides)
     pp_rank = ps.get_pipeline_model_parallel_rank()
-    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=_use_transformer_engine(), normalization="RMSNorm",
-                                      pp_rank=pp_rank)
+    # The local spec everywhere for now: TransformerEngine's fuses norms into linear layers under
+    # other parameter names, which the rules do not map yet (and no GPU stack was at hand to test).
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm", pp_rank=pp_rank)
     padded_vocab = -(-hf_config.vocab_size // parallel.tensor) * parallel.tensor
     model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=padded_vocab,
                      max_sequence_length=hf_config.max_position_embeddings, position_embedding_type="rope",
@@ -214,16 +216,6 @@ def build_model(path: str | Path, parallel: ParallelConfig = ParallelConfig(), *
     if load_weights:
         load_hf(model, hf_config, _read_safetensors(Path(path)))
     return model
-
-
-def _use_transformer_engine() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

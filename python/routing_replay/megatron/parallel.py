@@ -21,6 +21,9 @@ class ParallelConfig:
     """Pipeline-parallel size."""
     sequence_parallel: bool = False
     """Shard activations along the sequence across the tensor-parallel group (needs tensor > 1)."""
+    context: int = 1
+    """Context-parallel size. megatron-core needs TransformerEngine attention for it (not on CPU);
+    replay rows for it come from ``replay.context_parallel_rows``."""
 
 
 def initialize(parallel: ParallelConfig, *, rank: int = 0, world_size: int = 1, master_port: int | None = None,
@@ -42,7 +45,7 @@ def initialize(parallel: ParallelConfig, *, rank: int = 0, world_size: int = 1, 
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=parallel.tensor, pipeline_model_parallel_size=parallel.pipeline,
-            expert_model_parallel_size=parallel.expert,
+            expert_model_parallel_size=parallel.expert, context_parallel_size=parallel.context,
         )
     cpu_workarounds.seed_rng(seed)
 
