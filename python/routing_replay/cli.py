@@ -14,6 +14,37 @@ def _capture_demo(args: argparse.Namespace) -> int:
     return capture_demo.main(cfg, args.json)
 
 
+def _train(args: argparse.Namespace) -> int:
+    from routing_replay import config
+
+    try:
+        cfg = config.load(args.config)
+        arch = config.architecture_of(cfg)
+    except config.ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    problems = config.validate_job(cfg, arch)
+    total, active = config.parameter_count(arch)
+    memory = config.memory_estimate(cfg, arch)
+    p = cfg.train.parallel
+    print(f"{args.config}: {total / 1e9:.2f}B parameters ({active / 1e9:.2f}B active), replay {cfg.train.replay}, "
+          f"{cfg.train.mini_batches} mini-batch(es) per rollout batch")
+    print(f"  trainer: TP {p.tensor} x PP {p.pipeline} x CP {p.context} x DP {p.data}, EP {p.expert}; "
+          f"~{memory['trainer_state_gib']:.1f} GiB weights+grads+Adam per GPU")
+    print(f"  rollout: {cfg.rollout.engines} SGLang engine(s) x {cfg.rollout.gpus_per_engine} GPU(s); routing recorder "
+          f"~{memory['routing_recorder_gib_per_engine']:.2f} GiB per engine at 1M KV slots")
+    for problem in problems:
+        print(f"  problem: {problem}", file=sys.stderr)
+    if problems:
+        return 2
+    if args.dry_run:
+        print("  dry run: the configuration is valid")
+        return 0
+    print("routing-replay train: the RL job itself is not implemented yet in this version; only --dry-run is "
+          "available (see the README's status table)", file=sys.stderr)
+    return 2
+
+
 def _serve(args: argparse.Namespace) -> int:
     import os
 
@@ -63,6 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("sglang_args", nargs=argparse.REMAINDER, help="arguments passed to sglang.launch_server")
     serve.set_defaults(run=_serve)
+
+    train = sub.add_parser(
+        "train",
+        help="the RL job (this version: validate a job configuration with --dry-run)",
+        description="Validates a job configuration: the schema (unknown keys and bad values name their field), "
+        "parallel sizes against the architecture and the GPUs, batch divisibility, sampling parameters, the "
+        "reward function's import path, and a memory estimate. The RL job itself is not implemented yet.",
+    )
+    train.add_argument("--config", required=True, type=Path, help="YAML job configuration (see configs/)")
+    train.add_argument("--dry-run", action="store_true", help="validate and print the plan, then exit")
+    train.set_defaults(run=_train)
     return parser
 
 
