@@ -16,7 +16,6 @@ overhead (wall time of the Python call, no sync).
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from machine import describe
 from routing_replay.capture import RoutingLayout, RoutingRecorder
 
 LAYOUT = RoutingLayout(num_layers=48, top_k=8, num_experts=128)  # Qwen3-30B-A3B
@@ -70,20 +70,6 @@ def time_device(fn: Callable[[], object], iters: int) -> float:
     return statistics.median(samples)
 
 
-def machine_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} torch threads (torch {torch.__version__})"
-
-
 def bench_batch(n: int, device: torch.device, rounds: int, iters: int) -> dict[str, float]:
     num_slots = max(2 * n, 1024)
     gen = torch.Generator().manual_seed(n)
@@ -117,7 +103,7 @@ def report(device: torch.device, rows: dict[int, dict[str, float]], smoke: bool)
     lines = [
         f"# Capture benchmark ({'smoke' if smoke else 'full'} run)",
         "",
-        f"- machine: {machine_name(device)}",
+        f"- machine: {describe(device)}",
         f"- device: {device}",
         f"- layout: 48 layers, 128 experts, top-8 (Qwen3-30B-A3B); storage {LAYOUT.dtype}",
         f"- bytes per token: ours {ours_bytes} B routing + {with_bits - ours_bytes} B validity bitmask = {with_bits} B;"

@@ -14,7 +14,6 @@ is timed against one without. Medians are reported with overheads; goal <= 3%.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from machine import describe
 from routing_replay.megatron.hf_checkpoint import build_model
 from routing_replay.megatron.logprobs import Batch, score
 from routing_replay.megatron.parallel import ParallelConfig, initialize
@@ -87,12 +87,10 @@ def main() -> None:
 
 
 def report(shape, batch_size, seq, med, smoke, reps) -> str:
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                if l.startswith("model name")), "unknown CPU")
     def overhead(name, base):
         return f"{100 * (med[name] / med[base] - 1):+.1f}%"
     lines = [f"# Routing replay benchmark ({'smoke' if smoke else 'full'} run)", "",
-             f"- machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
+             f"- machine: {describe()}",
              f"- model: Qwen3-MoE architecture, {shape['layers']} layers, hidden {shape['hidden']}, {shape['experts']} experts,"
              f" top-{shape['top_k']}, float32, megatron-core local spec; batch {batch_size} x {seq} tokens",
              f"- medians of {reps} alternated repetitions after a warm-up", "",

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 import requests
 import torch
 
+from machine import describe
 from routing_replay.sglang.client import routing_params
 from routing_replay.sglang.recording import PROFILE_ENV
 from routing_replay.sglang.server import SGLangServer
@@ -55,12 +55,6 @@ def run_batch(server: SGLangServer, mode: str, prompts: list[list[int]], new_tok
     with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
         responses = list(pool.map(one, enumerate(prompts)))
     return time.perf_counter() - start, responses
-
-
-def machine() -> str:
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                if l.startswith("model name")), "unknown CPU")
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def main() -> None:
@@ -130,7 +124,7 @@ def report(shape: dict, results: dict, profile: dict | None, base64_per_token: f
     lines = [
         f"# SGLang recording benchmark ({'smoke' if smoke else 'full'} run)",
         "",
-        f"- machine: {machine()}",
+        f"- machine: {describe()}",
         f"- model: Qwen3-MoE architecture, {shape['layers']} layers, hidden {shape['hidden']}, {shape['experts']} experts,"
         f" top-{shape['top_k']}, bfloat16, CPU engine; medians of {reps} alternated repetitions after a warm-up",
         "",

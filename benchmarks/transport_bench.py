@@ -36,6 +36,7 @@ import orjson
 import pybase64
 import torch
 
+from machine import describe
 from routing_replay.wire import CollectorConfig, RoutingCollector, RoutingMeta, RoutingSender, SenderConfig
 
 LAYERS, TOP_K, EXPERTS = 48, 8, 128
@@ -228,12 +229,10 @@ def main() -> None:
 def report(times: dict[str, list[float]], samples: int, tokens: int, total: int, smoke: bool) -> str:
     med = {k: statistics.median(v) for k, v in times.items()}
     gib = {k: total / v / 2**30 for k, v in med.items()}
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                if l.startswith("model name")), "unknown CPU")
     lines = [
         f"# Transport benchmark ({'smoke' if smoke else 'full'} run)",
         "",
-        f"- machine: {cpu}, {os.cpu_count()} cores; loopback only",
+        f"- machine: {describe()}; loopback only",
         f"- batch: {samples} samples x {tokens} tokens x 48 layers x top-8 = {total / 1e6:.1f} MB as uint8"
         f" ({4 * total / 1e6:.0f} MB as int32 for the peers' path)",
         f"- medians of {len(next(iter(times.values())))} alternated repetitions (after one warm-up)",

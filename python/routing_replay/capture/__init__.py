@@ -15,7 +15,7 @@ from routing_replay.capture.errors import InvalidRoutingInput, MissingRoutingErr
 from routing_replay.capture.layout import RoutingLayout
 from routing_replay.capture.native import cuda_backend_available
 from routing_replay.capture.recorder import GatherHandle, RoutingRecorder, RoutingRows
-from routing_replay.capture import ops as _ops  # registers torch.ops.routing_replay.record
+from routing_replay.capture import ops as _ops  # noqa: F401  (registers torch.ops.routing_replay.record)
 
 __all__ = [
     "GatherHandle",
