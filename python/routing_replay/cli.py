@@ -45,6 +45,14 @@ def _train(args: argparse.Namespace) -> int:
     return 2
 
 
+def _plot(args: argparse.Namespace) -> int:
+    from routing_replay import run_log
+
+    for path in run_log.plot(args.run_dir, args.out):
+        print(path)
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     import os
 
@@ -105,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, type=Path, help="YAML job configuration (see configs/)")
     train.add_argument("--dry-run", action="store_true", help="validate and print the plan, then exit")
     train.set_defaults(run=_train)
+
+    plot = sub.add_parser("plot", help="draw PNG curves of a run's metrics.jsonl",
+                          description="Draws one PNG per metric group (reward, mismatch, staleness, ...) of RUN_DIR's "
+                          "metrics.jsonl, a curve per metric, into RUN_DIR/plots (or --out).")
+    plot.add_argument("run_dir", type=Path, help="a run directory holding metrics.jsonl")
+    plot.add_argument("--out", type=Path, default=None, help="where to write the PNGs (default: RUN_DIR/plots)")
+    plot.set_defaults(run=_plot)
     return parser
 
 
