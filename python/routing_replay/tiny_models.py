@@ -45,18 +45,27 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 512):
 
 def build(kind: str, out_dir: str | Path, *, layers: int = 2, hidden: int = 64, experts: int = 8, top_k: int = 2,
           dense_layers: Sequence[int] = (), seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
-    """Writes a random ``kind`` checkpoint to ``out_dir`` and returns the path."""
-    import transformers
-
-    if kind not in KINDS:
-        raise ValueError(f"unknown tiny model kind {kind!r}; choose from {KINDS}")
+    """Writes a random ``kind`` checkpoint with a locally trained tokenizer to ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(out)
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    common = dict(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+    model = make_model(kind, len(tokenizer), eos_id=eos, layers=layers, hidden=hidden, experts=experts, top_k=top_k,
+                       dense_layers=dense_layers, seed=seed)
+    model.to(dtype).save_pretrained(out)
+    return out
+
+
+def make_model(kind: str, vocab_size: int, *, eos_id: int = 0, layers: int = 2, hidden: int = 64, experts: int = 8,
+               top_k: int = 2, dense_layers: Sequence[int] = (), seed: int = 0):
+    """A random ``kind`` model in memory (float32), for callers that need no checkpoint on disk."""
+    import transformers
+
+    if kind not in KINDS:
+        raise ValueError(f"unknown tiny model kind {kind!r}; choose from {KINDS}")
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False,
-                  bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, num_experts_per_tok=top_k)
+                  bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id, num_experts_per_tok=top_k)
     if kind == "qwen3_moe":
         config = transformers.Qwen3MoeConfig(**common, head_dim=hidden // 4, intermediate_size=2 * hidden,
                                              moe_intermediate_size=hidden // 2, num_experts=experts,
@@ -82,5 +91,4 @@ def build(kind: str, out_dir: str | Path, *, layers: int = 2, hidden: int = 64, 
         config = transformers.MixtralConfig(**common, intermediate_size=hidden, num_local_experts=experts)
         model_cls = transformers.MixtralForCausalLM
     torch.manual_seed(seed)
-    model_cls(config).to(dtype).save_pretrained(out)
-    return out
+    return model_cls(config).float()

@@ -51,16 +51,10 @@ class RequestReport:
 
 
 def build_tiny_moe(cfg: DemoConfig):
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from routing_replay.tiny_models import make_model
 
-    torch.manual_seed(cfg.seed)
-    config = Qwen3MoeConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-        num_hidden_layers=cfg.layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        num_experts=cfg.experts, num_experts_per_tok=cfg.top_k, norm_topk_prob=True,
-        max_position_embeddings=512, tie_word_embeddings=False, mlp_only_layers=[],
-    )
-    return Qwen3MoeForCausalLM(config).float().eval()
+    return make_model("qwen3_moe", vocab_size=256, layers=cfg.layers, experts=cfg.experts, top_k=cfg.top_k,
+                      seed=cfg.seed).eval()
 
 
 def routers(model) -> list[torch.nn.Module]:
