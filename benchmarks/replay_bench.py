@@ -5,7 +5,7 @@ step (forward + backward of the token log-prob loss) on a batch of 4 x 256 token
 alternating: without replay, with R2 (replaying the routing recorded in the old-policy forward)
 and with R3 (replaying rollout routing given per token: the model's own routing with 10% of the
 decisions changed, as engines differ). The old-policy forward with recording
-is timed against one without. Medians are reported with overheads; goal <= 3%.
+is timed against one without. Each repetition runs the phases in a shuffled order; medians are reported with overheads; goal <= 3%.
 
     python benchmarks/replay_bench.py [--reps 7] [--out benchmarks/results/replay-cpu.md]
     python benchmarks/replay_bench.py --smoke
@@ -14,6 +14,7 @@ is timed against one without. Medians are reported with overheads; goal <= 3%.
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import tempfile
 import time
@@ -34,7 +35,10 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny model and batch, two repetitions (CI)")
     parser.add_argument("--reps", type=int, default=7, help="alternated repetitions (median reported)")
     parser.add_argument("--out", type=Path, help="also write the markdown report to this file")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a small shared VM two threads make timings far noisier)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     shape = dict(layers=2, hidden=64, experts=8, top_k=2) if args.smoke else dict(layers=4, hidden=256, experts=32, top_k=4)
     batch_size, seq, reps = (2, 32, 2) if args.smoke else (4, 256, args.reps)
     initialize(ParallelConfig())
@@ -74,10 +78,13 @@ def main() -> None:
             "step, no replay": lambda: train_step(None), "step, R2 replay": lambda: train_step(recorded),
             "step, R3 replay": lambda: train_step(rollout)}
     times: dict[str, list[float]] = {name: [] for name in runs}
+    order = random.Random(0)
     for rep in range(reps + 1):
-        for name, fn in runs.items():
+        names = list(runs)
+        order.shuffle(names)  # a fixed order would bias whichever phase follows which
+        for name in names:
             start = time.perf_counter()
-            fn()
+            runs[name]()
             if rep:  # repetition 0 is a warm-up
                 times[name].append(time.perf_counter() - start)
     text = report(shape, batch_size, seq, {k: statistics.median(v) for k, v in times.items()}, args.smoke, reps)
