@@ -11,7 +11,7 @@ Moves the routing of a batch of 64 samples x 4096 tokens of Qwen3-30B-A3B (48 la
                decoded with np.frombuffer, then ray.put / ray.get into the trainer actor
   ray          the Ray object store alone: ray.put in the producer, ray.get in the trainer actor
 
-Repetitions alternate between the paths; medians are reported with ratios. Goals: ours-socket
+Each repetition runs the paths in a shuffled order; medians are reported with ratios. Goals: ours-socket
 >= 80% of raw-tcp; ours end to end >= 20x faster than peers; ours-shm at least as fast as ray.
 
     python benchmarks/transport_bench.py [--reps 5] [--out benchmarks/results/transport-cpu.md]
@@ -25,6 +25,7 @@ import http.client
 import http.server
 import multiprocessing as mp
 import os
+import random
 import socket
 import statistics
 import threading
@@ -203,17 +204,21 @@ def main() -> None:
     trusting = RoutingCollector(CollectorConfig(budget_bytes=4 << 30, verify_checksum=False))
     times: dict[str, list[float]] = {}
     try:
+        paths = {
+            "ours-socket": lambda rep: run_ours(conn, collector, samples, False, 3 * rep),
+            "ours-socket (no checksum check)": lambda rep: run_ours(conn, trusting, samples, False, 3 * rep + 1),
+            "ours-shm": lambda rep: run_ours(conn, collector, samples, True, 3 * rep + 2),
+            "raw-tcp": lambda rep: run_raw_tcp(conn, total),
+            "peers": lambda rep: run_peers(http_port, samples, trainer),
+            "ray": lambda rep: run_ray(conn),
+        }
+        order = random.Random(0)
         for rep in range(reps + 1):  # repetition 0 warms every path up and is discarded
-            results = {
-                "ours-socket": run_ours(conn, collector, samples, False, 3 * rep),
-                "ours-socket (no checksum check)": run_ours(conn, trusting, samples, False, 3 * rep + 1),
-                "ours-shm": run_ours(conn, collector, samples, True, 3 * rep + 2),
-                "raw-tcp": run_raw_tcp(conn, total),
-                "peers": run_peers(http_port, samples, trainer),
-                "ray": run_ray(conn),
-            }
-            if rep:
-                for name, seconds in results.items():
+            names = list(paths)
+            order.shuffle(names)  # a fixed order would bias whichever path follows which
+            for name in names:
+                seconds = paths[name](rep)
+                if rep:
                     times.setdefault(name, []).append(seconds)
     finally:
         conn.send(("stop",))
