@@ -16,6 +16,7 @@ overhead (wall time of the Python call, no sync).
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -88,8 +89,12 @@ def bench_batch(n: int, device: torch.device, rounds: int, iters: int) -> dict[s
         "gather int32": lambda: base.gather(slots),
     }
     results: dict[str, list[float]] = {}
-    for _ in range(rounds):  # alternate so drift on a noisy machine hits both sides alike
-        for name, fn in calls.items():
+    order = random.Random(n)
+    for _ in range(rounds):  # shuffled each round so drift on a noisy machine hits both sides alike
+        names = list(calls)
+        order.shuffle(names)
+        for name in names:
+            fn = calls[name]
             results.setdefault(f"{name} host_us", []).append(time_host(fn, iters))
             if device.type == "cuda" and name.startswith("record"):
                 results.setdefault(f"{name} device_us", []).append(time_device(fn, iters))
