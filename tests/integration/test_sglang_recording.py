@@ -235,3 +235,21 @@ def test_launchers_document_the_routing_flags():
         assert out.returncode == 0, out.stderr[-2000:]
         for flag in ("--record-routing", "--routing-sink", "--routing-max-queued-mb", "--no-routing-shm"):
             assert flag in out.stdout, (command, flag)
+
+
+def test_streaming_responses_carry_the_descriptor_at_the_end(qwen3_server):
+    import json
+
+    body = {"text": PROMPTS[0], "stream": True,
+            "sampling_params": {"max_new_tokens": 6, "temperature": 0.0, "ignore_eos": True,
+                                "custom_params": routing_params(inline=True)}}
+    chunks = []
+    with requests.post(f"{qwen3_server.url}/generate", json=body, stream=True, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith(b"data: ") and line != b"data: [DONE]":
+                chunks.append(json.loads(line[len(b"data: "):]))
+    assert len(chunks) > 1
+    assert all(not c["meta_info"].get("routing_replay") for c in chunks[:-1])  # only once finished
+    descriptor = routing_descriptor(chunks[-1])
+    ids, _ = decode_inline(descriptor)
+    assert ids.shape[0] == chunks[-1]["meta_info"]["prompt_tokens"] + 6 - 1
