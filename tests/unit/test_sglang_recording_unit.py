@@ -84,3 +84,18 @@ def test_request_parameters(custom, expected):
 def test_bad_request_parameters_name_the_field(bad):
     with pytest.raises(RoutingRequestError, match="custom_params.routing_replay"):
         RoutingRequest.from_custom_params(bad)
+
+
+def test_routing_is_recorded_into_cuda_graphs_captured_outside_forwards(monkeypatch):
+    """SGLang captures CUDA graphs by calling the model directly (no ModelRunner.forward); the
+    per-layer record must still be captured, with every row (padding is dropped at copy time)."""
+    import routing_replay.sglang.recording as recording_module
+
+    rec = recording()
+    monkeypatch.setattr(recording_module, "_capturing_cuda_graph", lambda: True)
+    rec.capture(1, torch.tensor([[0, 1], [2, 3], [4, 5]]))  # e.g. a padded graph batch of 3
+    staged = rec.staging.gather([0, 1, 2]).wait()
+    assert staged.valid[:, 0].tolist() == [True, True, True]
+    monkeypatch.setattr(recording_module, "_capturing_cuda_graph", lambda: False)
+    rec.capture(1, torch.tensor([[6, 7]]))  # outside capture and outside a forward: ignored
+    assert rec.staging.gather([0]).wait().ids[0, 0].tolist() == [0, 1]

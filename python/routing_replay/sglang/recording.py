@@ -66,6 +66,10 @@ class _Forward:
     valid_rows: int | torch.Tensor
 
 
+def _capturing_cuda_graph() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 class SchedulerRecording:
     """The recorders, the sender and the per-request descriptors of one scheduler process."""
 
@@ -137,7 +141,12 @@ class SchedulerRecording:
     def capture(self, layer_id: int | None, topk_ids: torch.Tensor) -> None:
         context = self.forward_context
         if context is None:
-            return  # not a forward of the target model (draft model, warm-up outside forwards)
+            if not _capturing_cuda_graph():
+                return  # not a forward of the target model (draft model, warm-up outside forwards)
+            # SGLang captures its CUDA graphs by calling the model directly, outside
+            # ModelRunner.forward: record every row into the graph; each replay's run_forward
+            # then copies only the forward's real rows, so padded rows never reach the recorder.
+            context = _Forward(topk_ids.shape[0], topk_ids.shape[0])
         router = self.router_of_layer.get(layer_id)
         if router is None:
             raise RuntimeError(f"routing-replay: layer {layer_id} routed tokens but the model config "
