@@ -233,12 +233,13 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def load_hf(model, hf_config, hf_weights: dict[str, torch.Tensor]) -> None:
     """Copies Hugging Face weights into ``model``; every weight must be used and every parameter set."""
     state = {}
-    for rule in rules(hf_config):
+    weight_rules = rules(hf_config)
+    for rule in weight_rules:
         missing = [n for n in rule.hf if n not in hf_weights]
         if missing:
             raise KeyError(f"checkpoint lacks {missing} (needed for {rule.mcore})")
         state[rule.mcore] = rule.pack([hf_weights[n] for n in rule.hf])
-    used = {n for rule in rules(hf_config) for n in rule.hf}
+    used = {n for rule in weight_rules for n in rule.hf}
     unused = sorted(set(hf_weights) - used)
     if unused:
         raise KeyError(f"checkpoint weights not mapped to the Megatron model: {unused[:10]}")
