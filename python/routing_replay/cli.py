@@ -19,6 +19,8 @@ def _train(args: argparse.Namespace) -> int:
 
     try:
         cfg = config.load(args.config)
+        if getattr(args, "output_dir", None) is not None:
+            cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": str(args.output_dir)})})
         arch = config.architecture_of(cfg)
     except config.ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
@@ -40,9 +42,23 @@ def _train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print("  dry run: the configuration is valid")
         return 0
-    print("routing-replay train: the RL job itself is not implemented yet in this version; only --dry-run is "
-          "available (see the README's status table)", file=sys.stderr)
-    return 2
+    import logging
+
+    from routing_replay.orchestration import driver
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    options = driver.Options(resume=args.resume, fresh=args.fresh, progress=not args.no_progress)
+    try:
+        run_dir = driver.train(cfg, options)
+    except driver.JobError as exc:
+        print(f"routing-replay train: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("routing-replay train: interrupted; every engine, trainer and worker was stopped", file=sys.stderr)
+        return 130
+    print(f"run finished: metrics in {run_dir}/metrics.jsonl (TensorBoard: {run_dir}/tensorboard); "
+          f"`routing-replay plot {run_dir}` draws them")
+    return 0
 
 
 def _plot(args: argparse.Namespace) -> int:
@@ -105,13 +121,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser(
         "train",
-        help="the RL job (this version: validate a job configuration with --dry-run)",
-        description="Validates a job configuration: the schema (unknown keys and bad values name their field), "
-        "parallel sizes against the architecture and the GPUs, batch divisibility, sampling parameters, the "
-        "reward function's import path, and a memory estimate. The RL job itself is not implemented yet.",
+        help="run the RL job of a YAML configuration (locally, or inside `ray job submit`)",
+        description="Validates the configuration (schema, parallel sizes, batch divisibility, sampling parameters, "
+        "reward import path, memory estimate), then runs the job: joins the Ray cluster of RAY_ADDRESS (as under "
+        "`ray job submit`) or starts a local Ray on 127.0.0.1, starts the SGLang engines (--record-routing), the "
+        "Megatron trainer ranks with their routing collectors and the reward workers, warm-starts with SFT if "
+        "configured, and runs train.steps RL steps. Metrics go to RUN_DIR/metrics.jsonl and TensorBoard, "
+        "checkpoints to RUN_DIR/checkpoints (run.checkpoint_every). Exit codes: 0 done, 1 job error, 2 bad "
+        "configuration, 130 interrupted.",
     )
     train.add_argument("--config", required=True, type=Path, help="YAML job configuration (see configs/)")
     train.add_argument("--dry-run", action="store_true", help="validate and print the plan, then exit")
+    train.add_argument("--resume", action="store_true",
+                       help="continue run.output_dir from its latest checkpoint (train.steps may be raised)")
+    train.add_argument("--fresh", action="store_true", help="delete run.output_dir first (default: refuse to "
+                       "overwrite an existing run)")
+    train.add_argument("--output-dir", type=Path, default=None, help="run directory (overrides run.output_dir)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars (logs and metrics only)")
     train.set_defaults(run=_train)
 
     plot = sub.add_parser("plot", help="draw PNG curves of a run's metrics.jsonl",

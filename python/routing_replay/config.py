@@ -66,6 +66,13 @@ class RolloutSection(_Section):
     top_k: int = -1
     sglang_args: list[str] = []
     """Passed through to every SGLang server unchanged."""
+    weight_sync: Literal["distributed", "disk"] = "distributed"
+    """How the trainer's weights reach the engines after each step: ``distributed`` broadcasts them
+    (SGLang's update_weights_from_distributed; gloo on CPU, NCCL on GPU), ``disk`` writes safetensors
+    that every engine loads (update_weights_from_disk; needs a file system shared with the engines)."""
+    sync_tolerance: float = Field(default=1e-3, gt=0)
+    """After each weight sync, the largest |engine - trainer| log-prob on a probe sequence allowed;
+    beyond it the job stops (raise it for bfloat16 rollouts of a float32 trainer)."""
 
 
 class ParallelSection(_Section):
@@ -105,7 +112,14 @@ class TaskSection(_Section):
     """Local JSONL of prompts (built-in tasks generate theirs)."""
     reward: str = "routing_replay.tasks.addition:reward"
     """Import path ``module:function`` of the reward function."""
+    args: dict[str, int | float | str] = {}
+    """Keyword arguments of a built-in task's prompt generator (addition: ``max_operand``)."""
+    reward_workers: int = Field(default=1, ge=1)
+    """Ray actors computing rewards."""
     sft_warmup_steps: int = Field(default=0, ge=0)
+    """Supervised batches on (prompt, " " + answer) before RL: the cold start of a tiny model."""
+    sft_batch_size: int = Field(default=32, ge=1)
+    sft_learning_rate: float = Field(default=1e-3, gt=0)
 
 
 class RunSection(_Section):
@@ -115,6 +129,9 @@ class RunSection(_Section):
     gpus: int = Field(default=0, ge=0)
     """GPUs the job may use (0: CPU)."""
     gpu_memory_gib: float = Field(default=80.0, gt=0)
+    max_engine_restarts: int = Field(default=3, ge=0)
+    """Restarts of one crashed engine within one rollout before the job gives up."""
+    keep_checkpoints: int = Field(default=2, ge=1)
 
 
 class JobConfig(_Section):
@@ -158,8 +175,12 @@ def validate_job(cfg: JobConfig, arch: Architecture) -> list[str]:
         problems.append(f"train.parallel.pipeline={p.pipeline} must divide the {arch.num_layers} layers")
     if p.sequence_parallel and p.tensor == 1:
         problems.append("train.parallel.sequence_parallel needs train.parallel.tensor > 1")
-    if p.expert > p.data * p.tensor * p.context:
-        problems.append("train.parallel.expert must not exceed data x tensor x context ranks")
+    if (p.data * p.tensor * p.context) % p.expert:
+        problems.append("train.parallel.expert must divide data x tensor x context ranks")
+    for name, size in (("tensor", p.tensor), ("pipeline", p.pipeline), ("context", p.context)):
+        if size != 1:
+            problems.append(f"train.parallel.{name}={size}: the RL trainer supports data and expert parallelism only "
+                            "(tensor, pipeline and context parallel RL steps are not implemented yet)")
     samples = r.prompts_per_step * r.group_size
     if samples % (t.mini_batches * p.data):
         problems.append(f"rollout.prompts_per_step x rollout.group_size = {samples} samples must split into "

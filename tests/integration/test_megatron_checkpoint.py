@@ -83,7 +83,7 @@ def test_unsupported_models_are_refused(checkpoints, megatron_ready):
 def test_sharded_ranks_load_their_shard_and_match_transformers(tensor, expert, checkpoints):
     import torch.multiprocessing as mp
 
-    from routing_replay.sglang.server import free_port
+    from routing_replay.ports import free_port
     from tests.integration.megatron_ws2 import parity_worker
 
     mp.spawn(parity_worker, args=(2, tensor, expert, free_port(), str(checkpoints["qwen2_moe"])), nprocs=2, join=True)
@@ -92,7 +92,7 @@ def test_sharded_ranks_load_their_shard_and_match_transformers(tensor, expert, c
 def test_two_pipeline_stages_load_their_layers_and_replay(checkpoints):
     import torch.multiprocessing as mp
 
-    from routing_replay.sglang.server import free_port
+    from routing_replay.ports import free_port
     from tests.integration.megatron_ws2 import pipeline_worker
 
     mp.spawn(pipeline_worker, args=(2, free_port(), str(checkpoints["mixtral"])), nprocs=2, join=True)

@@ -200,7 +200,7 @@ def test_r3_brings_float32_training_closer_to_a_bfloat16_rollout(megatron_ready,
 def test_world_size_two_replays_exactly_on_every_rank(tensor, expert, dispatcher, qwen3):
     import torch.multiprocessing as mp
 
-    from routing_replay.sglang.server import free_port
+    from routing_replay.ports import free_port
     from tests.integration.megatron_ws2 import worker
 
     mp.spawn(worker, args=(2, tensor, expert, dispatcher, free_port(), str(qwen3)), nprocs=2, join=True)

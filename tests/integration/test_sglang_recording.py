@@ -119,7 +119,7 @@ def test_aborted_request_is_reported_and_leaves_the_server_correct(qwen3_server)
 
 
 def test_unreachable_sink_completes_generation_and_says_so(qwen3_server):
-    from routing_replay.sglang.server import free_port
+    from routing_replay.ports import free_port
 
     dead = f"tcp://127.0.0.1:{free_port()}"
     generate(qwen3_server, PROMPTS[0], max_new_tokens=2, routing=routing_params(sink=dead))  # makes it known

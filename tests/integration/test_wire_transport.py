@@ -15,6 +15,7 @@ import pytest
 import torch
 import zmq
 
+from routing_replay.ports import free_port
 from routing_replay.wire import (
     CollectorConfig,
     CurveClient,
@@ -155,7 +156,7 @@ def test_token_hash_mismatch_is_refused_and_reported_to_the_sender(collector, se
 
 
 def test_collector_restart_loses_nothing_and_duplicates_nothing():
-    port = _free_port()
+    port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     routings = {f"k{i}": make_routing(5 + i, 3, 2, 8, seed=i) for i in range(8)}
     with RoutingSender(SenderConfig(**FAST)) as sender:
@@ -278,7 +279,7 @@ def test_sender_bounds_queued_bytes_until_consumers_take_them(collector):
 
 def test_undeliverable_routing_fails_its_delivery_instead_of_vanishing():
     routing = make_routing(3, 2, 2, 8)
-    nobody = f"tcp://127.0.0.1:{_free_port()}"
+    nobody = f"tcp://127.0.0.1:{free_port()}"
     with RoutingSender(SenderConfig(give_up_after_s=0.5, **FAST)) as sender:
         delivery = sender.send(meta_for("lost", routing, 8), routing, nobody)
         with pytest.raises(DeliveryError, match="not taken .* within 0.5s"):
@@ -361,14 +362,6 @@ def _header_for(key: str, routing: torch.Tensor) -> wf.RoutingHeader:
     )
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_shared_region_is_reused_only_after_the_consumer_frees_it(collector):
     first, second = make_routing(2000, 8, 8, 128, seed=1), make_routing(2000, 8, 8, 128, seed=2)
     with RoutingSender(SenderConfig(**FAST)) as sender:
@@ -400,7 +393,7 @@ def test_full_arena_falls_back_to_frames(collector):
 
 
 def test_reachability_is_known_after_a_heartbeat(collector):
-    nobody = f"tcp://127.0.0.1:{_free_port()}"
+    nobody = f"tcp://127.0.0.1:{free_port()}"
     with RoutingSender(SenderConfig(**FAST)) as sender:
         assert sender.reachable(collector.address) is None
         sender.connect(collector.address)

@@ -58,6 +58,8 @@ def test_bad_values_name_the_field(tmp_path, text, message):
         ("train: {parallel: {sequence_parallel: true}}", "sequence_parallel needs"),
         ("rollout: {prompts_per_step: 3, group_size: 3}\ntrain: {mini_batches: 2}", "9 samples must split"),
         ("task: {reward: 'nowhere.module:fn'}", "task.reward"),
+        ("train: {parallel: {tensor: 2}}", "train.parallel.tensor=2: the RL trainer supports data and expert"),
+        ("train: {parallel: {expert: 4, data: 2}}", "train.parallel.expert must divide data x tensor x context"),
     ],
 )
 def test_cross_field_problems_are_reported(tmp_path, text, problem):

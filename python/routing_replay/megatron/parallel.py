@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from routing_replay.megatron import cpu_workarounds
+from routing_replay.ports import free_port
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ def initialize(parallel: ParallelConfig, *, rank: int = 0, world_size: int = 1, 
         if master_port is not None:
             os.environ["MASTER_PORT"] = str(master_port)
         elif world_size == 1 or "MASTER_PORT" not in os.environ:
-            os.environ["MASTER_PORT"] = str(_free_port())
+            os.environ["MASTER_PORT"] = str(free_port())
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
     if not parallel_state.model_parallel_is_initialized():
@@ -49,10 +50,3 @@ def initialize(parallel: ParallelConfig, *, rank: int = 0, world_size: int = 1, 
         )
     cpu_workarounds.seed_rng(seed)
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -8,4 +8,6 @@ The token-level surrogate of the seed: sum_t [pi_theta(y_t) / mu_old(y_t)] * A, 
   token, sequence or geometric level).
 - ``objective``: the token-level loss with PPO-style clipping of the staleness factor.
 - ``metrics``: statistics of either factor (mean |log ratio|, k3 KL, fraction beyond tau).
+- ``minibatch``: one mini-batch's loss and the statistics of both factors.
+- ``rollout_batch``: a rollout sample (exact token ids, mu_old) and its tensors at log-prob positions.
 """

@@ -1,7 +1,8 @@
 """Start and stop one SGLang server process (``python -m sglang.launch_server``) on loopback.
 
-The server runs in its own process group, so stopping it (or a crash of whoever started it)
-leaves no SGLang child behind. On a machine without a GPU the CPU engine flags and environment
+The server runs in its own process group, so stopping it leaves no SGLang child behind; with
+``die_with_parent`` the kernel also kills it when the thread that started it dies (a Ray actor
+killed with SIGKILL cannot run a cleanup), and SGLang's own children follow their parent. On a machine without a GPU the CPU engine flags and environment
 are added (``cpu_workarounds.server_flags``); every other flag passes through unchanged.
 """
 
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,18 +18,21 @@ from pathlib import Path
 
 import requests
 
+from routing_replay.ports import free_port
 from routing_replay.sglang import cpu_workarounds
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _kill_when_parent_dies() -> None:
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class SGLangServer:
     def __init__(self, model_path: str | Path, args: Sequence[str] = (), *, port: int | None = None,
-                 log_path: str | Path | None = None, env: dict[str, str] | None = None) -> None:
+                 log_path: str | Path | None = None, env: dict[str, str] | None = None,
+                 die_with_parent: bool = False) -> None:
         self.model_path = Path(model_path)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -38,7 +41,8 @@ class SGLangServer:
         self.log_path = Path(log_path) if log_path else None
         log = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                        env={**os.environ, **cpu_workarounds.server_env(), **(env or {})})
+                                        env={**os.environ, **cpu_workarounds.server_env(), **(env or {})},
+                                        preexec_fn=_kill_when_parent_dies if die_with_parent else None)
 
     def wait_healthy(self, timeout: float = 180.0) -> SGLangServer:
         deadline = time.monotonic() + timeout

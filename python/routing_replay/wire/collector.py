@@ -194,6 +194,18 @@ class RoutingCollector:
             raise TokenMismatchError("; ".join(mismatched.values()))
         return samples
 
+    def discard(self, keys: Iterable[str]) -> int:
+        """Drops the routing of ``keys`` (held now or arriving later: e.g. rollouts abandoned when
+        an engine crashed and their requests were resent under new keys). Returns how many were held."""
+        keys = list(keys)
+        with self._cond:
+            dropped = [self._ready.pop(k) for k in keys if k in self._ready]
+            for key in keys:
+                self._remember_taken(key)
+        for key in keys:
+            self._queue_ack(key, wf.Taken(key, self.epoch))
+        return len(dropped)
+
     def stats(self) -> CollectorStats:
         with self._cond:
             return CollectorStats(

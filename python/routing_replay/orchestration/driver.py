@@ -1,0 +1,375 @@
+"""The RL job's driver: sets up the Ray actors, then loops over the step's phases.
+
+``Job.step`` is the whole algorithm on one screen: sample prompts (each sample's data-parallel
+rank is chosen here, so SGLang sends its routing straight to that rank's collector), roll out G
+responses per prompt, reward, group-normalise, pi_old, N mini-batch updates, weight sync, and a
+probe that proves the engines serve the trainer's weights. Everything else is set-up and
+bookkeeping: checkpoints, resume, metrics and clean shutdown.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from routing_replay import config as job_config
+from routing_replay.orchestration.cluster import connect  # first: it configures Ray before ray is imported
+from routing_replay.orchestration import checkpoints as ckpt
+from routing_replay.orchestration.engines import EnginePool, EngineSpec, RolloutRequest
+from routing_replay.orchestration.rewards import RewardWorker, score_all
+from routing_replay.orchestration.trainer import TrainerRank, TrainerSpec
+from routing_replay.rl.advantages import group_normalized
+from routing_replay.rl.corrections import Correction
+from routing_replay.rl.objective import Clip
+from routing_replay.rl.rollout_batch import Sample, split
+
+log = logging.getLogger(__name__)
+
+
+class JobError(RuntimeError):
+    """The job cannot start or continue; the message says why."""
+
+
+class WeightSyncError(JobError):
+    """After a weight sync the engines' log-probs differ from the trainer's."""
+
+
+@dataclass(frozen=True)
+class Options:
+    resume: bool = False
+    """Continue from the run directory's latest checkpoint."""
+    fresh: bool = False
+    """Delete the run directory first."""
+    progress: bool = True
+
+
+class Job:
+    def __init__(self, cfg: job_config.JobConfig, options: Options = Options()) -> None:
+        import ray
+        from transformers import AutoTokenizer
+
+        from routing_replay.run_log import RunLog
+        from routing_replay.tasks import load_prompts
+
+        self.cfg, self.options = cfg, options
+        self.run_dir = Path(cfg.run.output_dir)
+        self.engines = None
+        self.trainers: list = []
+        self.rewarders: list = []
+        self.checkpoints = ckpt.Checkpoints(self.run_dir, cfg.run.keep_checkpoints)
+        self.digest = _digest(cfg)
+        resumed = self._prepare_run_dir()
+        self._started_ray = connect(cfg)
+        try:
+            self.model_path = self._initial_model()
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+            self.prompts = load_prompts(cfg.task.name, cfg.task.prompts, cfg.run.seed, args=cfg.task.args)
+            self.start_step = resumed[1].step if resumed else 0
+            self.weights = str(resumed[0] / "hf") if resumed else self.model_path
+            self.version = f"step-{self.start_step}" if resumed else "init"
+            self._start_actors(ray, resumed[0] if resumed else None)
+            self.run_log = RunLog(self.run_dir, purge_step=self.start_step + 1)
+            if not resumed and cfg.task.sft_warmup_steps:
+                self._warm_start()
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- the step ------------------------------------------------------------------------------
+
+    def step(self, step: int) -> dict[str, float]:
+        cfg, G, ray = self.cfg, self.cfg.rollout.group_size, self._ray
+        times, started = {}, time.perf_counter()
+        records = random.Random(f"{cfg.run.seed}-prompts-{step}").sample(self.prompts, cfg.rollout.prompts_per_step)
+        n, ranks = len(records) * G, len(self.trainers)
+        order = random.Random(f"{cfg.run.seed}-order-{step}").sample(range(n), n)  # -> data-parallel shares
+        rank_of = {i: position * ranks // n for position, i in enumerate(order)}
+        prompt_ids = [tuple(self.tokenizer(r["prompt"]).input_ids) for r in records]
+        requests = [RolloutRequest(f"s{step}-p{i // G}-g{i % G}", prompt_ids[i // G], self._sampling_params(),
+                                   self.routing_sinks[rank_of[i]] if cfg.train.replay == "R3" else None)
+                    for i in range(n)]
+        results, abandoned = self.engines.generate(requests)
+        if abandoned:
+            ray.get([t.discard_routing.remote(abandoned) for t in self.trainers])
+        stale = {r.weight_version for r in results} - {self.version}
+        if stale:
+            raise JobError(f"step {step}: engines sampled with weight version(s) {stale}, expected {self.version}")
+        times["time/rollout"] = time.perf_counter() - started
+        texts = self.tokenizer.batch_decode([r.response_ids for r in results], skip_special_tokens=True)
+        rewards = torch.tensor(score_all(self.rewarders, [records[i // G] for i in range(n)], texts))
+        advantages = group_normalized(rewards, G)
+        samples = [Sample(r.key, prompt_ids[i // G], r.response_ids, r.logprobs, float(rewards[i]), float(advantages[i]))
+                   for i, r in enumerate(results)]
+        shares = [[samples[order[p]] for p in positions] for positions in split(n, ranks)]
+        old = _mean_over_ranks(ray.get([t.old_logprobs.remote(s) for t, s in zip(self.trainers, shares)]))
+        update = _mean_over_ranks(ray.get([t.update.remote(s) for t, s in zip(self.trainers, shares)]))
+        sync_started = time.perf_counter()
+        probe_diff = self._sync_weights(f"step-{step}", samples[0].token_ids)
+        times["time/weight_sync"] = time.perf_counter() - sync_started
+        times["time/step"] = time.perf_counter() - started
+        tokens = sum(len(s.token_ids) for s in samples)
+        return {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std(unbiased=False)),
+                "response_length/mean": sum(len(s.response_ids) for s in samples) / n, **old, **update, **times,
+                "throughput/tokens_per_s": tokens / times["time/step"], "sync/probe_max_abs_diff": probe_diff,
+                "engine/restarts": float(self.engines.restarts)}
+
+    def run(self) -> Path:
+        from tqdm import tqdm
+
+        steps = range(self.start_step + 1, self.cfg.train.steps + 1)
+        bar = tqdm(steps, desc="RL", unit="step", disable=not self.options.progress, initial=self.start_step,
+                   total=self.cfg.train.steps)
+        every = self.cfg.run.checkpoint_every
+        for step in bar:
+            metrics = self.step(step)
+            self.run_log.log(step, metrics)
+            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", mismatch=f"{metrics['mismatch/mean_abs']:.2e}")
+            if every and (step % every == 0 or step == self.cfg.train.steps):
+                self.checkpoint(step)
+        return self.run_dir
+
+    # ---- set-up ----------------------------------------------------------------------------------
+
+    def _prepare_run_dir(self) -> tuple[Path, ckpt.RunState] | None:
+        if self.options.fresh:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        if self.options.resume:
+            latest = self.checkpoints.latest()
+            if latest is None:
+                raise JobError(f"--resume: {self.run_dir} has no checkpoint (set run.checkpoint_every)")
+            if latest[1].config_digest != self.digest:
+                raise JobError(f"--resume: {latest[0]} was written under another configuration (only train.steps "
+                               "may change when resuming)")
+            _truncate_metrics(self.run_dir, latest[1].step)
+            return latest
+        if (self.run_dir / "metrics.jsonl").exists():
+            raise JobError(f"{self.run_dir} already holds a run: pass --resume to continue it or --fresh to replace it")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        return None
+
+    def _initial_model(self) -> str:
+        if self.cfg.model.path is not None:
+            return self.cfg.model.path
+        from routing_replay.tiny_models import build
+
+        path = self.run_dir / "initial-model"
+        if not (path / "config.json").exists():
+            build(self.cfg.model.tiny, path, seed=self.cfg.run.seed)
+        return str(path)
+
+    def _start_actors(self, ray, resume_dir: Path | None) -> None:
+        cfg = self.cfg
+        self._ray = ray
+        gpu = 1 if cfg.run.gpus else 0
+        world = cfg.train.parallel.data * cfg.train.parallel.tensor * cfg.train.parallel.context
+        trainer_actor = ray.remote(num_cpus=0, num_gpus=gpu)(TrainerRank)
+        self.trainers = [trainer_actor.remote() for _ in range(world)]
+        address, port = ray.get(self.trainers[0].endpoint.remote())
+        bind = "tcp://127.0.0.1:*" if address == "127.0.0.1" else f"tcp://{address}:*"
+        specs = [TrainerSpec(rank=r, world_size=world, master_port=port, model_path=self.model_path,
+                             data_parallel=cfg.train.parallel.data, expert_parallel=cfg.train.parallel.expert,
+                             replay=cfg.train.replay, learning_rate=cfg.train.learning_rate,
+                             mini_batches=cfg.train.mini_batches, micro_batch_size=cfg.train.micro_batch_size,
+                             clip=Clip(cfg.train.clip_low, cfg.train.clip_high),
+                             correction=Correction(**cfg.train.correction.model_dump()), grad_clip=cfg.train.grad_clip,
+                             temperature=cfg.rollout.temperature, train_dtype=cfg.model.train_dtype, seed=cfg.run.seed,
+                             routing_bind=bind)
+                 for r in range(world)]
+        resume = str(resume_dir) if resume_dir else None
+        self.routing_sinks = ray.get([t.setup.remote(s, address, resume) for t, s in zip(self.trainers, specs)])
+        engine_specs = [EngineSpec(i, self.weights, str(self.run_dir / "logs"), tuple(cfg.rollout.sglang_args),
+                                   cfg.model.rollout_dtype, record_routing=cfg.train.replay == "R3",
+                                   weight_version=self.version, gpus=cfg.rollout.gpus_per_engine if cfg.run.gpus else 0,
+                                   tp_size=_tp_size(cfg.rollout.sglang_args))
+                        for i in range(cfg.rollout.engines)]
+        distributed = cfg.rollout.weight_sync == "distributed"
+        self.engines = EnginePool(engine_specs, max_restarts=cfg.run.max_engine_restarts,
+                                  on_restart=self._rejoin_weight_group if distributed else None)
+        if distributed:
+            self.weight_meta = ray.get([t.weight_metadata.remote() for t in self.trainers])[0]
+            self._form_weight_group()
+        reward_actor = ray.remote(num_cpus=0)(RewardWorker)
+        self.rewarders = [reward_actor.remote(cfg.task.reward) for _ in range(cfg.task.reward_workers)]
+
+    def _warm_start(self) -> None:
+        """Supervised batches on (prompt, " " + answer + EOS) from the task's prompts (cold start)."""
+        from tqdm import tqdm
+
+        cfg, rng = self.cfg.task, random.Random(f"{self.cfg.run.seed}-sft")
+        eos = self.tokenizer.eos_token_id
+        started, losses = time.perf_counter(), []
+        bar = tqdm(total=cfg.sft_warmup_steps, desc="SFT warm start", unit="batch", disable=not self.options.progress)
+        for chunk in split_count(cfg.sft_warmup_steps, 10):
+            batches = [[(self.tokenizer(r["prompt"]).input_ids, self.tokenizer(" " + str(r["answer"])).input_ids + [eos])
+                        for r in rng.sample(self.prompts, cfg.sft_batch_size)] for _ in range(chunk)]
+            shares = [[batch[i :: len(self.trainers)] for batch in batches] for i in range(len(self.trainers))]
+            losses += self._ray.get([t.sft.remote(s, cfg.sft_learning_rate)
+                                     for t, s in zip(self.trainers, shares)])[0]
+            bar.update(chunk)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        bar.close()
+        probe = self.tokenizer(self.prompts[0]["prompt"]).input_ids
+        self._sync_weights("sft", probe)
+        self.run_log.log(0, {"sft/loss_first": losses[0], "sft/loss_last": losses[-1],
+                             "time/sft": time.perf_counter() - started})
+
+    def _sampling_params(self) -> dict:
+        r = self.cfg.rollout
+        return {"max_new_tokens": r.max_new_tokens, "temperature": r.temperature, "top_p": r.top_p, "top_k": r.top_k}
+
+    # ---- weights and checkpoints -----------------------------------------------------------------
+
+    def _sync_weights(self, version: str, probe: list[int]) -> float:
+        """Trainer -> every engine (prefix caches flushed, tagged ``version``), then the probe check."""
+        self._push_weights(version)
+        self.version = version
+        trainer = torch.tensor(self.trainer_logprobs(probe))
+        worst = max(float((torch.tensor(engine) - trainer).abs().max()) for engine in self.engines.score(probe))
+        if worst > self.cfg.rollout.sync_tolerance:
+            raise WeightSyncError(f"after syncing {version}, an engine's log-probs differ from the trainer's by up to "
+                                  f"{worst:.3g} > rollout.sync_tolerance={self.cfg.rollout.sync_tolerance}")
+        return worst
+
+    def _push_weights(self, version: str) -> None:
+        if self.cfg.rollout.weight_sync == "distributed":
+            self._ray.get([t.broadcast_weights.remote(self.weight_meta) for t in self.trainers]
+                          + self.engines.call_all("receive_weights", self.weight_meta, self.weight_group.name, version))
+            return
+        path = self.run_dir / "weights" / version
+        self._ray.get([t.export_weights.remote(str(path)) for t in self.trainers])
+        self.engines.update_weights(str(path), version)
+        previous, self.weights = self.weights, str(path)
+        if Path(previous).parent == path.parent:
+            shutil.rmtree(previous, ignore_errors=True)
+
+    def _form_weight_group(self) -> None:
+        """Trainer rank 0 and every engine rank meet in a fresh broadcast group."""
+        from routing_replay.orchestration.weight_sync import WeightGroup
+
+        previous = getattr(self, "weight_group", None)
+        if previous is not None:  # engines that survived a restart leave the old group
+            for future in self.engines.call_all("leave_weight_group", previous.name):
+                try:
+                    self._ray.get(future)
+                except Exception:  # noqa: BLE001 - a restarted engine was never in it
+                    pass
+        address, port = self._ray.get(self.trainers[0].endpoint.remote())
+        serial = int(previous.name.rsplit("-", 1)[1]) + 1 if previous else 0
+        group = WeightGroup(address, port, 1 + sum(s.tp_size for s in self.engines.specs),
+                            f"routing-replay-weights-{serial}", "nccl" if self.cfg.run.gpus else "gloo")
+        joins = [e.join_weight_group.remote(group, offset)
+                 for e, offset in zip(self.engines.engines, self.engines.rank_offsets())]
+        self._ray.get([self.trainers[0].open_weight_group.remote(group), *joins])
+        self.weight_group = group
+
+    def _rejoin_weight_group(self) -> None:
+        """After an engine restart (it serves the initial weights): a new group, the current weights."""
+        self._form_weight_group()
+        self._push_weights(self.version)
+
+    def trainer_logprobs(self, token_ids: list[int]) -> list[float]:
+        """The trainer's log-prob of every token after the first (every rank takes part: with expert
+        parallelism a forward is collective)."""
+        return self._ray.get([t.score.remote(token_ids) for t in self.trainers])[0]
+
+    def checkpoint(self, step: int) -> Path:
+        staged = self.checkpoints.staging(step)
+        self._ray.get([t.save_checkpoint.remote(str(staged)) for t in self.trainers]
+                      + [t.export_weights.remote(str(staged / "hf")) for t in self.trainers])
+        return self.checkpoints.commit(staged, ckpt.RunState(step, self.cfg.run.seed, self.digest))
+
+    # ---- shutdown ---------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stops every engine (and its SGLang processes), trainer and reward worker; idempotent."""
+        import ray
+
+        if getattr(self, "run_log", None) is not None:
+            self.run_log.close()
+            self.run_log = None
+        if self.engines is not None:
+            self.engines.stop()
+            self.engines = None
+        for actor in self.trainers:
+            try:
+                ray.get(actor.close.remote(), timeout=30)
+            except Exception:  # noqa: BLE001 - a dead or never set-up actor is killed regardless
+                pass
+        for actor in [*self.trainers, *self.rewarders]:
+            ray.kill(actor, no_restart=True)
+        self.trainers, self.rewarders = [], []
+        if self._started_ray and ray.is_initialized():
+            ray.shutdown()
+            self._started_ray = False
+
+    def __enter__(self) -> Job:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def train(cfg: job_config.JobConfig, options: Options = Options()) -> Path:
+    """Runs the job to ``train.steps``; SIGTERM and Ctrl-C stop every process before returning."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        with Job(cfg, options) as job:
+            return job.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _tp_size(sglang_args: list[str]) -> int:
+    """SGLang's tensor-parallel size from its arguments (``--tp-size N``, ``--tp N``, ``--tp-size=N``)."""
+    for i, arg in enumerate(sglang_args):
+        name, _, value = arg.partition("=")
+        if name in ("--tp-size", "--tp"):
+            return int(value or sglang_args[i + 1])
+    return 1
+
+
+def split_count(total: int, chunk: int) -> list[int]:
+    return [min(chunk, total - start) for start in range(0, total, chunk)]
+
+
+def _mean_over_ranks(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """Data-parallel ranks' metrics: times are the slowest rank's, everything else the mean."""
+    out = {}
+    for name in per_rank[0]:
+        values = [metrics[name] for metrics in per_rank]
+        out[name] = max(values) if name.startswith("time/") else sum(values) / len(values)
+    return out
+
+
+def _digest(cfg: job_config.JobConfig) -> str:
+    frozen = cfg.model_dump(mode="json")
+    frozen["train"].pop("steps")
+    frozen["run"].pop("checkpoint_every")
+    frozen["run"].pop("output_dir")
+    return hashlib.sha256(repr(sorted(frozen.items())).encode()).hexdigest()[:16]
+
+
+def _truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drops records after ``step`` (logged after the checkpoint that a resume continues from)."""
+    import json
+    import os
+
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)

@@ -1,0 +1,56 @@
+"""``ray job submit --working-dir .`` against a real Ray head on loopback, as on a cluster: the
+job's driver joins the head's cluster (RAY_ADDRESS), runs two RL steps and writes its metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from routing_replay.ports import free_port
+from tests.integration.test_rl_job import job_config
+
+REPO = Path(__file__).parents[2]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    # Token authentication as a real cluster has it: head and client share a fresh token.
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env.pop("RAY_ADDRESS", None)
+    port, dashboard = free_port(), free_port()
+    temp = tmp_path_factory.mktemp("ray-head")
+    start = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--include-dashboard", "true",
+             "--num-cpus", "2", "--object-store-memory", str(300 << 20), "--temp-dir", str(temp)]
+    out = subprocess.run(start, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    yield f"http://127.0.0.1:{dashboard}", env
+    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_ray_job_submit_runs_the_job_on_the_cluster(ray_head, tmp_path):
+    address, env = ray_head
+    run_dir = tmp_path / "run"
+    cfg = job_config(run_dir, steps=2)
+    path = tmp_path / "job.yaml"
+    path.write_text(json.dumps(cfg.model_dump(mode="json")))  # JSON is YAML
+    # The job starts in the uploaded working directory: it must hold the code, not the virtual
+    # environment or the build folder (both exist in the repository here; .gitignore excludes them).
+    entrypoint = (f"test -e configs/tiny-moe-cpu.yaml && test ! -e .venv && test ! -e build && "
+                  f"exec {BIN / 'routing-replay'} train --config {path} --no-progress")
+    submit = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+              "bash", "-c", entrypoint]
+    out = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=540, cwd=REPO)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "succeeded" in out.stdout
+    assert "run finished" in out.stdout
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2]

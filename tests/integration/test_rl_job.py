@@ -1,0 +1,113 @@
+"""The RL job end to end on CPU, on the session's local Ray: real SGLang engine (--record-routing),
+real megatron-core trainer rank with its collector thread, reward worker, weight sync.
+
+One job is shared by the tests in file order: a short run (R3, two mini-batches, checkpoints), an
+engine killed mid-rollout, then a resume from the last checkpoint that continues the curves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from routing_replay import config, run_log
+from routing_replay.orchestration import driver
+
+SHORT_JOB = {
+    "model": {"tiny": "qwen3_moe", "rollout_dtype": "float32", "train_dtype": "float32"},
+    "rollout": {"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 4, "sync_tolerance": 1e-4,
+                "sglang_args": ["--skip-server-warmup", "--max-total-tokens", "4096"]},
+    "train": {"steps": 2, "mini_batches": 2, "micro_batch_size": 4, "learning_rate": 1e-3, "replay": "R3"},
+    "task": {"name": "addition", "args": {"max_operand": 9}, "sft_warmup_steps": 20, "sft_learning_rate": 3e-3},
+    "run": {"seed": 0, "checkpoint_every": 1},
+}
+
+
+def job_config(run_dir, **train) -> config.JobConfig:
+    raw = json.loads(json.dumps(SHORT_JOB))
+    raw["run"]["output_dir"] = str(run_dir)
+    raw["train"].update(train)
+    return config.JobConfig.model_validate(raw)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("rl-job")
+
+
+@pytest.fixture(scope="module")
+def job(ray_local, run_dir):
+    job = driver.Job(job_config(run_dir), driver.Options(progress=False))
+    yield job
+    job.close()
+
+
+def test_short_run_records_every_metric_with_full_replay(job, run_dir):
+    job.run()
+    records = run_log.read(run_dir)
+    assert [r["step"] for r in records] == [0, 1, 2]  # SFT warm start, then two RL steps
+    assert records[0]["sft/loss_last"] < records[0]["sft/loss_first"]
+    for record in records[1:]:
+        assert all(math.isfinite(v) for v in record.values())
+        for name in ("reward/mean", "reward/std", "response_length/mean", "entropy", "mismatch/k3",
+                     "mismatch/beyond_2", "mismatch/beyond_5", "routing/agreement/layer0", "routing/agreement/layer1",
+                     "grad_norm/mb0", "grad_norm/mb1", "time/rollout", "time/routing_take", "time/old_logprob",
+                     "time/update", "time/weight_sync", "throughput/tokens_per_s"):
+            assert name in record, name
+        for mb in ("mb0", "mb1"):  # both factors and the clip and correction statistics per mini-batch index
+            for name in ("mismatch/{}/mean_abs", "staleness/{}/mean_abs", "staleness/{}/k3", "clip_fraction/{}",
+                         "correction/{}/weight_mean", "loss/{}"):
+                assert name.format(mb) in record
+        assert record["routing/coverage"] == 1.0  # every loss-relevant token replayed, in every layer
+        assert record["routing/tokens_differing"] == 0  # float32 on both sides: the trainer routes as SGLang did
+        assert record["mismatch/mean_abs"] < 1e-4
+        assert record["staleness/mb0/mean_abs"] < 1e-4  # the first mini-batch is on-policy
+        assert record["sync/probe_max_abs_diff"] <= 1e-4
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
+    assert checkpoints == ["step-000001", "step-000002"]
+    assert run_log.plot(run_dir)  # PNG curves of the run
+
+
+def test_engine_killed_mid_rollout_is_restarted_and_the_step_completes(job, monkeypatch):
+    pid = job.engines.call(0, "server_pid")
+    # Long responses (EOS ignored), so the kill lands while the engine is generating.
+    monkeypatch.setattr(job, "_sampling_params", lambda: {"max_new_tokens": 96, "temperature": 1.0,
+                                                          "ignore_eos": True})
+    killer = threading.Timer(1.5, os.killpg, args=(pid, signal.SIGKILL))
+    killer.start()
+    started = time.monotonic()
+    metrics = job.step(3)
+    killer.join()
+    assert job.engines.restarts == 1 and metrics["engine/restarts"] == 1
+    assert job.engines.call(0, "server_pid") != pid
+    assert metrics["time/rollout"] < time.monotonic() - started
+    assert metrics["routing/coverage"] == 1.0 and metrics["routing/tokens_differing"] == 0
+    assert metrics["response_length/mean"] == 96
+    job.run_log.log(3, metrics)
+    job.checkpoint(3)
+
+
+def test_resume_continues_from_the_last_checkpoint(job, run_dir):
+    probe = job.tokenizer("What is 3 + 4? The answer is 7").input_ids
+    before = job.trainer_logprobs(probe)
+    job.close()
+    with pytest.raises(driver.JobError, match="already holds a run"):
+        driver.Job(job_config(run_dir, steps=4), driver.Options(progress=False))
+    resumed = driver.Job(job_config(run_dir, steps=4), driver.Options(resume=True, progress=False))
+    try:
+        assert resumed.start_step == 3 and resumed.version == "step-3"
+        after = resumed.trainer_logprobs(probe)
+        assert after == before  # weights restored exactly
+        assert resumed.engines.score(probe)[0] == pytest.approx(after, abs=1e-4)  # and served by the engine
+        resumed.run()
+    finally:
+        resumed.close()
+    assert [r["step"] for r in run_log.read(run_dir)] == [0, 1, 2, 3, 4]
+    with pytest.raises(driver.JobError, match="another configuration"):
+        driver.Job(job_config(run_dir, steps=5, learning_rate=1.0), driver.Options(resume=True, progress=False))
