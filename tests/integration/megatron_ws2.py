@@ -88,7 +88,7 @@ def parity_worker(rank: int, world: int, tensor: int, expert: int, port: int, pa
 
 def pipeline_worker(rank: int, world: int, port: int, path: str) -> None:
     """Two pipeline stages: each loads its layers; the last stage's logits equal transformers', and
-    replaying the routing recorded on each stage reproduces them exactly."""
+    replaying the routing recorded on each stage reproduces them exactly; export gathers the stages."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -133,5 +133,15 @@ def pipeline_worker(rank: int, world: int, port: int, path: str) -> None:
         want = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()(tokens).logits
         assert (logits[..., : model.vocab_size] - want).abs().max() < 1e-5
         assert torch.equal(logits, again)
+    # Export gathers both stages' layers (global layer numbers) on every stage: exactly the checkpoint.
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from routing_replay.megatron.hf_checkpoint import export_hf
+
+    exported = export_hf(model, AutoConfig.from_pretrained(path))
+    original = load_file(f"{path}/model.safetensors")
+    assert exported.keys() == original.keys()
+    assert all(torch.equal(exported[name], original[name]) for name in original)
     ps.destroy_model_parallel()
     dist.destroy_process_group()

@@ -89,7 +89,7 @@ def test_sharded_ranks_load_their_shard_and_match_transformers(tensor, expert, c
     mp.spawn(parity_worker, args=(2, tensor, expert, free_port(), str(checkpoints["qwen2_moe"])), nprocs=2, join=True)
 
 
-def test_two_pipeline_stages_load_their_layers_and_replay(checkpoints):
+def test_two_pipeline_stages_load_their_layers_replay_and_export(checkpoints):
     import torch.multiprocessing as mp
 
     from routing_replay.ports import free_port

@@ -1,7 +1,7 @@
-"""Two trainer ranks (data parallel 2, expert parallel 2, gloo) as Ray actors, each with its own
-routing collector: SGLang sends each sample's routing to the rank that trains on it, the ranks
-exchange tokens with their experts (all-to-all), reduce gradients, and stay identical. Weights go
-to the engine through safetensors on disk here (the other tests broadcast them)."""
+"""Two SGLang engines and two trainer ranks (data parallel 2, expert parallel 2, gloo) as Ray actors,
+each rank with its own routing collector: SGLang sends each sample's routing to the rank that
+trains on it, the ranks exchange tokens with their experts (all-to-all), reduce gradients and stay
+identical, and rank 0 broadcasts the weights (experts gathered from both ranks) to both engines."""
 
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ def test_data_and_expert_parallel_ranks_train_in_step(ray_local, tmp_path):
     cfg = job_config(tmp_path / "run", steps=2)
     cfg = cfg.model_copy(update={
         "train": cfg.train.model_copy(update={"parallel": cfg.train.parallel.model_copy(update={"data": 2, "expert": 2})}),
-        "rollout": cfg.rollout.model_copy(update={"weight_sync": "disk"})})
+        "rollout": cfg.rollout.model_copy(update={"engines": 2})})
     job = driver.Job(cfg, driver.Options(progress=False))
     try:
         assert len(job.trainers) == 2 and len(set(job.routing_sinks)) == 2
+        assert job.engines.rank_offsets() == [1, 2] and job.weight_group.world_size == 3
         job.run()
         probe = job.tokenizer("What is 2 + 2? The answer is 4").input_ids
         per_rank = job._ray.get([t.score.remote(probe) for t in job.trainers])
@@ -31,4 +32,4 @@ def test_data_and_expert_parallel_ranks_train_in_step(ray_local, tmp_path):
     for record in records[1:]:
         assert all(math.isfinite(v) for v in record.values())
         assert record["routing/coverage"] == 1.0 and record["routing/tokens_differing"] == 0
-        assert record["sync/probe_max_abs_diff"] <= 1e-4  # experts gathered from both ranks
+        assert record["sync/probe_max_abs_diff"] <= 1e-4  # on both engines

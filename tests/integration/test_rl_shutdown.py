@@ -1,5 +1,6 @@
 """Ctrl-C stops the whole job: the driver (its own local Ray) exits with 130, and no SGLang process
-of its engine is left behind."""
+of its engine is left behind. This job syncs weights through safetensors on disk: its first step
+completes only if the engine then scores the probe like the trainer."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ def test_ctrl_c_stops_every_process(tmp_path):
     path = tmp_path / "job.yaml"
     raw = cfg.model_dump(mode="json")
     raw["task"]["sft_warmup_steps"] = 0
+    raw["rollout"]["weight_sync"] = "disk"
     path.write_text(json.dumps(raw))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray
     driver = subprocess.Popen([str(Path(sys.executable).parent / "routing-replay"), "train", "--config", str(path),

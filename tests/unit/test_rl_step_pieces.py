@@ -87,3 +87,14 @@ def test_engine_tensor_parallel_size_from_sglang_arguments():
     assert _tp_size([]) == 1
     assert _tp_size(["--tp-size", "2", "--mem-fraction-static", "0.7"]) == 2
     assert _tp_size(["--tp=4"]) == 4
+
+
+def test_job_refuses_a_configuration_that_cannot_run_before_starting_anything(tmp_path):
+    from routing_replay import config
+    from routing_replay.orchestration import driver
+
+    cfg = config.JobConfig.model_validate({"model": {"tiny": "qwen3_moe"}, "rollout": {"top_p": 0.9},
+                                           "run": {"output_dir": str(tmp_path / "run")}})
+    with pytest.raises(driver.JobError, match="rollout.top_p must be 1"):
+        driver.Job(cfg)
+    assert not (tmp_path / "run").exists()

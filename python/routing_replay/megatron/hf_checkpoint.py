@@ -305,11 +305,10 @@ def _shard(name: str, full: torch.Tensor, dim: int, size: int, rank: int) -> tor
 
 
 def full_state(model) -> dict[str, torch.Tensor]:
-    """The unsharded Megatron-named weights, on every rank (collective over TP and EP groups)."""
+    """The unsharded Megatron-named weights (layers numbered globally), on every rank (collective
+    over the TP, EP and PP groups)."""
     from megatron.core import parallel_state as ps
 
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        raise NotImplementedError("export from pipeline stages is not implemented yet (gather the stages first)")
     groups = {False: (ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_group()),
               True: (ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_group())}
     ep_size, ep_group = ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_group()
@@ -332,6 +331,48 @@ def full_state(model) -> dict[str, torch.Tensor]:
     for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
         if vocab is not None and name in out:
             out[name] = out[name][:vocab]
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        first_layer = _first_layer_of_stage(model)
+        out = _gather_stages({_global_layer_name(name, first_layer): t for name, t in out.items()})
+    return out
+
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32)
+_MAX_DIMS = 4
+
+
+def _gather_stages(local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every pipeline stage's tensors on every stage: each stage in turn broadcasts its names (as
+    UTF-8 bytes), dtypes and shapes (as integer tensors), then the tensors; no pickle."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_pipeline_model_parallel_group()
+    out: dict[str, torch.Tensor] = {}
+    for stage in range(ps.get_pipeline_model_parallel_world_size()):
+        source = dist.get_global_rank(group, stage)
+        mine = stage == ps.get_pipeline_model_parallel_rank()
+        names = sorted(local) if mine else []
+        encoded = torch.frombuffer(bytearray("\n".join(names).encode()), dtype=torch.uint8) if mine else None
+        header = torch.tensor([len(names), encoded.numel() if mine else 0])
+        dist.broadcast(header, source, group=group)
+        count, nbytes = int(header[0]), int(header[1])
+        if not mine:
+            encoded = torch.empty(nbytes, dtype=torch.uint8)
+        dist.broadcast(encoded, source, group=group)
+        names = bytes(encoded.tolist()).decode().split("\n") if count else []
+        layout = torch.zeros(count, 1 + _MAX_DIMS + 1, dtype=torch.int64)
+        if mine:
+            for row, name in enumerate(names):
+                tensor = local[name]
+                layout[row, 0] = _DTYPES.index(tensor.dtype)
+                layout[row, 1] = tensor.dim()
+                layout[row, 2 : 2 + tensor.dim()] = torch.tensor(tensor.shape)
+        dist.broadcast(layout, source, group=group)
+        for name, (dtype, dims, *shape) in zip(names, layout.tolist()):
+            tensor = local[name] if mine else torch.empty(shape[:dims], dtype=_DTYPES[dtype])
+            dist.broadcast(tensor, source, group=group)
+            out[name] = tensor
     return out
 
 

@@ -58,6 +58,9 @@ class Job:
         from routing_replay.run_log import RunLog
         from routing_replay.tasks import load_prompts
 
+        problems = job_config.validate_job(cfg, job_config.architecture_of(cfg))
+        if problems:
+            raise JobError("the configuration cannot run: " + "; ".join(problems))
         self.cfg, self.options = cfg, options
         self.run_dir = Path(cfg.run.output_dir)
         self.engines = None
@@ -102,8 +105,10 @@ class Job:
         if stale:
             raise JobError(f"step {step}: engines sampled with weight version(s) {stale}, expected {self.version}")
         times["time/rollout"] = time.perf_counter() - started
+        reward_started = time.perf_counter()
         texts = self.tokenizer.batch_decode([r.response_ids for r in results], skip_special_tokens=True)
         rewards = torch.tensor(score_all(self.rewarders, [records[i // G] for i in range(n)], texts))
+        times["time/reward"] = time.perf_counter() - reward_started
         advantages = group_normalized(rewards, G)
         samples = [Sample(r.key, prompt_ids[i // G], r.response_ids, r.logprobs, float(rewards[i]), float(advantages[i]))
                    for i, r in enumerate(results)]
