@@ -36,6 +36,7 @@ def ray_head(tmp_path_factory):
     subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
+@pytest.mark.timeout(600)
 def test_ray_job_submit_runs_the_job_on_the_cluster(ray_head, tmp_path):
     address, env = ray_head
     run_dir = tmp_path / "run"

@@ -14,11 +14,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).parents[2]
 REWARD_MARGIN = 0.15
 WINDOW = 10
 
 
+@pytest.mark.timeout(660)
 def test_cpu_default_job_learns_within_ten_minutes(tmp_path):
     run_dir = tmp_path / "run"
     command = [str(Path(sys.executable).parent / "routing-replay"), "train", "--config",

@@ -19,6 +19,9 @@ import pytest
 from routing_replay import config, run_log
 from routing_replay.orchestration import driver
 
+# Each test may include the job's start-up (Ray actors, SGLang, megatron-core): minutes on 2 cores.
+pytestmark = pytest.mark.timeout(480)
+
 SHORT_JOB = {
     "model": {"tiny": "qwen3_moe", "rollout_dtype": "float32", "train_dtype": "float32"},
     "rollout": {"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 4, "sync_tolerance": 1e-4,

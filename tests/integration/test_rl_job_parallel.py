@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from routing_replay import run_log
 from routing_replay.orchestration import driver
 from tests.integration.test_rl_job import job_config
 
 
+@pytest.mark.timeout(600)
 def test_data_and_expert_parallel_ranks_train_in_step(ray_local, tmp_path):
     cfg = job_config(tmp_path / "run", steps=2)
     cfg = cfg.model_copy(update={

@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.integration.test_rl_job import job_config
 
 
@@ -30,6 +32,7 @@ def sglang_servers_of(run_dir: Path) -> list[int]:
     return [int(pid) for pid in out.stdout.split()]
 
 
+@pytest.mark.timeout(480)
 def test_ctrl_c_stops_every_process(tmp_path):
     run_dir = tmp_path / "run"
     cfg = job_config(run_dir, steps=1000)
