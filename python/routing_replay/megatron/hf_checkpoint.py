@@ -402,12 +402,16 @@ def export_hf(model, hf_config) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_hf(model, hf_config, out_dir: str | Path) -> Path:
-    """Writes ``export_hf`` as model.safetensors plus config.json in ``out_dir``."""
+def save_hf(model, hf_config, out_dir: str | Path, *, write: bool = True) -> Path | None:
+    """Writes ``export_hf`` as model.safetensors plus config.json in ``out_dir``. Collective when the
+    model is sharded: every rank calls it, and ranks with ``write=False`` only take part (None)."""
     from safetensors.torch import save_file
 
+    weights = export_hf(model, hf_config)
+    if not write:
+        return None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(export_hf(model, hf_config), str(out / "model.safetensors"))
+    save_file(weights, str(out / "model.safetensors"))
     hf_config.save_pretrained(out)
     return out

@@ -150,8 +150,8 @@ class Job:
             if latest is None:
                 raise JobError(f"--resume: {self.run_dir} has no checkpoint (set run.checkpoint_every)")
             if latest[1].config_digest != self.digest:
-                raise JobError(f"--resume: {latest[0]} was written under another configuration (only train.steps "
-                               "may change when resuming)")
+                raise JobError(f"--resume: {latest[0]} was written under another configuration (only train.steps, "
+                               "run.checkpoint_every and run.output_dir may change when resuming)")
             _truncate_metrics(self.run_dir, latest[1].step)
             return latest
         if (self.run_dir / "metrics.jsonl").exists():

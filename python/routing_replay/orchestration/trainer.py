@@ -202,17 +202,11 @@ class TrainerRank:
         """Hugging Face safetensors, config and tokenizer for SGLang (collective; rank 0 writes)."""
         from transformers import AutoTokenizer
 
-        from routing_replay.megatron.hf_checkpoint import export_hf
+        from routing_replay.megatron.hf_checkpoint import save_hf
 
-        weights = export_hf(self.model, self.hf_config)
-        if self.spec.rank != 0:
+        out = save_hf(self.model, self.hf_config, out_dir, write=self.spec.rank == 0)
+        if out is None:
             return None
-        from safetensors.torch import save_file
-
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        save_file(weights, str(out / "model.safetensors"))
-        self.hf_config.save_pretrained(out)
         AutoTokenizer.from_pretrained(self.spec.model_path).save_pretrained(out)  # a restarted engine loads it
         return str(out)
 
