@@ -7,6 +7,7 @@ import random
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import msgspec
@@ -32,6 +33,7 @@ from routing_replay.wire import (
     token_hash,
 )
 from routing_replay.wire import format as wf
+from routing_replay.wire.worker import BackgroundThreadDied
 from routing_replay.wire import shm
 
 FAST = dict(ack_timeout_s=1.0, heartbeat_s=0.2)
@@ -120,17 +122,20 @@ def test_pipeline_stage_receives_only_its_layer_range(sender):
 def test_each_rank_receives_only_the_samples_it_owns(sender):
     with RoutingCollector() as rank0, RoutingCollector() as rank1:
         owner = {f"prompt{g}-sample{i}": (rank0, rank1)[g % 2] for g in range(6) for i in range(3)}
-        expected = {}
+        expected, deliveries = {}, []
         for n, (key, rank) in enumerate(owner.items()):
             expected[key] = make_routing(10 + n, 4, 2, 8, seed=n)
-            sender.send(meta_for(key, expected[key], 8), expected[key], rank.address)
+            deliveries.append(sender.send(meta_for(key, expected[key], 8), expected[key], rank.address))
         for rank in (rank0, rank1):
             mine = [k for k, r in owner.items() if r is rank]
             got = rank.take(mine, timeout=10)
             assert all(torch.equal(got[k].routing, expected[k]) for k in mine)
-            time.sleep(0.2)
+        for delivery in deliveries:  # every sample acknowledged: nothing is left to arrive anywhere
+            delivery.taken.result(timeout=10)
+        for rank in (rank0, rank1):
             stats = rank.stats()
-            assert stats.received == len(mine) and stats.held_samples == 0  # nothing else arrived
+            mine = sum(r is rank for r in owner.values())
+            assert stats.received == mine and stats.held_samples == 0  # nothing else arrived
 
 
 def test_missing_keys_time_out_naming_them(collector, sender):
@@ -177,7 +182,7 @@ def test_collector_restart_loses_nothing_and_duplicates_nothing():
                 assert torch.equal(sample.routing, routings[k])
             for d in deliveries.values():
                 d.taken.result(timeout=10)
-            time.sleep(0.5)
+            assert sender.stats().pending == 0  # so nothing can be resent later
             assert second.stats().held_samples == 0  # k0, k1 were not redelivered
             with pytest.raises(MissingRoutingKeys):
                 second.take(["k0"], timeout=0.2)
@@ -234,7 +239,10 @@ def test_budget_applies_back_pressure_until_views_are_freed():
         for i in range(6):
             sender.send(meta_for(f"b{i}", routing, 8 * 16), routing, collector.address)
         held = [collector.get(f"b{i}", timeout=10).routing for i in range(3)]  # 240 KB held > budget
-        time.sleep(0.5)
+        deadline = time.monotonic() + 10
+        while sender.stats().transmitted < 6:  # every sample is on its way: only the budget holds b3..b5 back
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         assert collector.stats().held_bytes == 240_000
         with pytest.raises(MissingRoutingKeys):
             collector.get("b3", timeout=0.5)  # reading paused while over budget
@@ -404,3 +412,72 @@ def test_reachability_is_known_after_a_heartbeat(collector):
             time.sleep(0.05)
         assert sender.reachable(collector.address) is True
         assert sender.reachable(nobody) is False
+
+
+def _kill_thread(owner, method: str) -> None:
+    """Makes ``owner``'s background thread die at its next loop turn, as a bug would."""
+
+    def broken(*args, **kwargs):
+        raise MemoryError("injected")
+
+    setattr(owner, method, broken)
+    owner._wake()
+
+
+def test_a_dead_collector_thread_is_an_error_at_once_not_a_timeout(sender):
+    collector = RoutingCollector()
+    try:
+        blocked: list[BaseException] = []
+        waiter = threading.Thread(target=lambda: _capture(blocked, lambda: collector.take(["never"], timeout=60)))
+        waiter.start()
+        started = time.monotonic()
+        _kill_thread(collector, "_flush_outbox")
+        waiter.join(timeout=5)
+        assert not waiter.is_alive() and time.monotonic() - started < 1.0  # the blocked consumer woke up
+        assert isinstance(blocked[0], BackgroundThreadDied) and "MemoryError: injected" in str(blocked[0])
+        for call in (lambda: collector.get("k", timeout=60), lambda: collector.take(["k"], timeout=60),
+                     collector.stats, collector.check, lambda: collector.discard(["k"])):
+            started = time.monotonic()
+            with pytest.raises(BackgroundThreadDied, match="routing-collector-.*MemoryError: injected"):
+                call()
+            assert time.monotonic() - started < 1.0
+    finally:
+        collector.close()
+
+
+def test_a_dead_sender_thread_fails_its_deliveries_and_every_later_call(collector):
+    sender = RoutingSender(SenderConfig(**FAST))
+    try:
+        routing = make_routing(3, 2, 2, 8)
+        pending = sender.send(meta_for("pending", routing, 8), routing, f"tcp://127.0.0.1:{free_port()}")
+        started = time.monotonic()
+        _kill_thread(sender, "_tick")
+        with pytest.raises(DeliveryError, match="routing-sender.*MemoryError: injected"):
+            pending.taken.result(timeout=5)
+        assert time.monotonic() - started < 1.0
+        for call in (lambda: sender.send(meta_for("k", routing, 8), routing, collector.address),
+                     lambda: sender.flush(timeout=60), sender.stats, sender.check,
+                     lambda: sender.reachable(collector.address), lambda: sender.connect(collector.address)):
+            with pytest.raises(BackgroundThreadDied, match="routing-sender.*MemoryError: injected"):
+                call()
+    finally:
+        sender.close()
+
+
+def test_bad_destinations_are_refused_at_the_call_and_never_reach_the_thread(sender):
+    routing = make_routing(3, 2, 2, 8)
+    for destination in ("nonsense", "tcp://127.0.0.1", "tcp://127.0.0.1:0", "tcp://127.0.0.1:70000", "udp://x:1", 5,
+                        "tcp://host:1\x00"):
+        with pytest.raises(ValueError, match="collector address"):
+            sender.send(meta_for("k", routing, 8), routing, destination)
+    refused = sender.send(meta_for("k", routing, 8), routing, "tcp://-:5555")  # passes the syntax, not ZMQ
+    with pytest.raises(DeliveryError, match="cannot connect"):  # that delivery fails, the thread goes on
+        refused.taken.result(timeout=10)
+    sender.check()
+
+
+def _capture(into: list, call) -> None:
+    try:
+        call()
+    except BaseException as exc:  # noqa: BLE001 - the test inspects it
+        into.append(exc)

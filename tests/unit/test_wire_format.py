@@ -107,3 +107,68 @@ def test_mutated_header_fields_are_decoded_or_rejected_never_crash(mutation):
         h.validate(1 << 30)
     except wf.WireFormatError:
         pass
+
+
+# Any msgpack value: what a peer can put in a frame that decodes as msgpack at all.
+_MSGPACK_VALUES = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1), st.floats(), st.text(max_size=16),
+              st.binary(max_size=16)),
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=12), inner, max_size=6)),
+    max_leaves=20,
+)
+_TAGS = st.sampled_from(["routing", "ping", "pong", "received", "taken", "released", "rejected", "", "other"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=512), _MSGPACK_VALUES.map(msgspec.msgpack.encode),
+                 st.builds(lambda tag, fields: msgspec.msgpack.encode({**fields, "type": tag}), _TAGS,
+                           st.dictionaries(st.sampled_from(["key", "epoch", "nonce", "shm_ok", "reason", "x"]),
+                                           _MSGPACK_VALUES, max_size=4))))
+def test_any_frame_is_an_acknowledgement_or_the_documented_rejection(frame):
+    try:
+        ack = wf.decode_to_sender(frame)
+    except wf.WireFormatError as exc:
+        assert exc.reason == "control"
+        return
+    assert isinstance(ack, (wf.Pong, wf.Received, wf.Taken, wf.Released, wf.Rejected))
+    if isinstance(ack, wf.Pong):
+        assert 0 <= ack.nonce < 2**64
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=512), _MSGPACK_VALUES.map(msgspec.msgpack.encode),
+                 st.builds(lambda tag, fields: msgspec.msgpack.encode({**msgspec.structs.asdict(header()),
+                                                                       **fields, "type": tag}),
+                           _TAGS, st.dictionaries(st.sampled_from([*wf.RoutingHeader.__struct_fields__, "nonce",
+                                                                   "shm_probe", "x"]), _MSGPACK_VALUES, max_size=3))))
+def test_any_header_frame_is_a_valid_message_or_the_documented_rejection(frame):
+    try:
+        message = wf.decode_to_collector(frame)
+    except wf.WireFormatError as exc:
+        assert exc.reason == "header"
+        return
+    assert isinstance(message, (wf.RoutingHeader, wf.Ping))
+    if isinstance(message, wf.RoutingHeader):
+        assert min(message.rows, message.start, message.num_tokens, message.payload_bytes, message.shm_offset) >= 0
+        try:
+            message.validate(1 << 30)
+        except wf.WireFormatError as exc:
+            assert exc.reason in {"version", "key", "layout", "dtype", "rows", "payload_bytes", "mask_bytes",
+                                  "oversized"}
+
+
+def test_wire_integers_are_bounded_at_decoding():
+    for field, value in [("rows", -1), ("shm_offset", -5), ("payload_bytes", -2**63)]:
+        with pytest.raises(wf.WireFormatError, match="header"):
+            wf.decode_to_collector(msgspec.msgpack.encode({**msgspec.structs.asdict(header()), "type": "routing",
+                                                           field: value}))
+    for nonce in (-1, -2**63):
+        with pytest.raises(wf.WireFormatError, match="header"):
+            wf.decode_to_collector(msgspec.msgpack.encode({"type": "ping", "nonce": nonce}))
+    assert wf.decode_to_collector(msgspec.msgpack.encode({"type": "ping", "nonce": 2**64 - 1})).nonce == 2**64 - 1
+    assert wf.decode_to_sender(wf.encode(wf.Pong(2**64 - 1, "e", True))).nonce == 2**64 - 1
+
+
+def test_keys_that_are_not_utf8_are_refused_before_sending():
+    with pytest.raises(wf.WireFormatError, match="key"):
+        header(key="bad\udcff").validate(1 << 30)

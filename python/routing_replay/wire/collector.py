@@ -8,8 +8,10 @@ the budget is spent the collector stops reading, which pushes back on the sender
 
 Acknowledgements go back to the sender: ``received`` once validated, ``taken`` once handed to
 the consumer, ``rejected`` (with a reason) for a sample that will never be delivered. Malformed,
-truncated, oversized or unauthenticated messages are counted (``stats()``), logged, and dropped;
-the collector keeps serving.
+truncated, oversized or unauthenticated messages are counted by reason (``stats()``), logged
+(rate-limited), rejected back to their sender where the key is known, and dropped: whatever the
+bytes, the collector keeps serving. If its thread dies anyway, every later call raises
+``BackgroundThreadDied`` naming the cause at once.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
+import traceback
 import time
 import warnings
 import weakref
@@ -31,6 +34,7 @@ import zmq
 from routing_replay.wire import format as wf
 from routing_replay.wire import shm
 from routing_replay.wire.security import CurveServer, secure_server
+from routing_replay.wire.worker import WorkerThread, log_rate_limited
 
 log = logging.getLogger("routing_replay.wire")
 
@@ -96,8 +100,14 @@ class RoutingSample:
 
 @dataclass
 class CollectorStats:
+    """Counts since start. Every message read is exactly one of: received, duplicates, pings or
+    rejected (by reason); ``messages`` is their sum. ``taken`` and ``rejected["token_mismatch"]``
+    count what the consumer did with received samples."""
+
+    messages: int = 0
     received: int = 0
     duplicates: int = 0
+    pings: int = 0
     taken: int = 0
     shm_received: int = 0
     held_bytes: int = 0
@@ -154,8 +164,8 @@ class RoutingCollector:
         self._wake_push.connect(f"inproc://wake-{self.epoch}")
         self._wake_lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"routing-collector-{self.epoch}", daemon=True)
-        self._thread.start()
+        self._worker = WorkerThread(f"routing-collector-{self.epoch}", self._run, self._wake_waiters)
+        self._worker.start()
 
     # ---- consumer API -------------------------------------------------------------------------
 
@@ -176,6 +186,7 @@ class RoutingCollector:
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
+                self._worker.check()
                 missing = [k for k in keys if k not in self._ready]
                 if not missing:
                     break
@@ -198,6 +209,7 @@ class RoutingCollector:
         """Drops the routing of ``keys`` (held now or arriving later: e.g. rollouts abandoned when
         an engine crashed and their requests were resent under new keys). Returns how many were held."""
         keys = list(keys)
+        self._worker.check()
         with self._cond:
             dropped = [self._ready.pop(k) for k in keys if k in self._ready]
             for key in keys:
@@ -207,17 +219,28 @@ class RoutingCollector:
         return len(dropped)
 
     def stats(self) -> CollectorStats:
+        self._worker.check()
         with self._cond:
             return CollectorStats(
-                received=self._stats.received, duplicates=self._stats.duplicates, taken=self._stats.taken,
-                shm_received=self._stats.shm_received, held_bytes=self._budget.held,
-                held_samples=len(self._ready), rejected=Counter(self._stats.rejected),
+                messages=self._stats.messages, received=self._stats.received, duplicates=self._stats.duplicates,
+                pings=self._stats.pings, taken=self._stats.taken, shm_received=self._stats.shm_received,
+                held_bytes=self._budget.held, held_samples=len(self._ready), rejected=Counter(self._stats.rejected),
             )
+
+    def held_keys(self) -> list[str]:
+        """Keys received and not yet taken or discarded, in arrival order."""
+        self._worker.check()
+        with self._cond:
+            return list(self._ready)
+
+    def check(self) -> None:
+        """Raises BackgroundThreadDied if the collector's thread has died (a health check)."""
+        self._worker.check()
 
     def close(self) -> None:
         self._stop.set()
         self._wake()
-        self._thread.join()
+        self._worker.join()
         for sock in (self._socket, self._wake_pull, self._wake_push):
             sock.close()
         if self._auth is not None:
@@ -260,19 +283,32 @@ class RoutingCollector:
         self._flush_outbox()
 
     def _handle(self, frames: list[zmq.Frame]) -> None:
+        """One message, whatever its bytes: accepted, answered, or rejected by reason."""
         identity, body = frames[0].bytes, frames[1:]
         key = None
+        with self._cond:
+            self._stats.messages += 1
         try:
             if not body:
                 raise wf.WireFormatError("truncated", "message without a header frame")
             message = wf.decode_to_collector(body[0].buffer)
             if isinstance(message, wf.Ping):
-                self._send(identity, wf.Pong(message.nonce, self.epoch, self._probe_ok(message)))
+                self._answer_ping(identity, message, body[1:])
                 return
             key = message.key
             self._accept(identity, message, body[1:])
         except wf.WireFormatError as exc:
             self._reject(identity, key, exc.reason, str(exc))
+        except Exception as exc:  # noqa: BLE001 - a bug on some input must cost that message, not the collector
+            detail = "".join(traceback.format_exception_only(exc)).strip()
+            self._reject(identity, key, "internal_error", f"{detail}\n{traceback.format_exc()}")
+
+    def _answer_ping(self, identity: bytes, ping: wf.Ping, extra: list[zmq.Frame]) -> None:
+        if extra:
+            raise wf.WireFormatError("frames", f"{len(extra)} frames after a ping")
+        with self._cond:
+            self._stats.pings += 1
+        self._send(identity, wf.Pong(ping.nonce, self.epoch, self._probe_ok(ping)))
 
     def _accept(self, identity: bytes, header: wf.RoutingHeader, frames: list[zmq.Frame]) -> None:
         header.validate(min(self.config.max_message_bytes, self.config.budget_bytes))
@@ -368,8 +404,7 @@ class RoutingCollector:
         with self._cond:
             self._stats.rejected[reason] += 1
             count = self._stats.rejected[reason]
-        if count <= 10 or count % 100 == 0:  # rate-limited: a flood of garbage must not flood the log
-            log.warning("routing collector %s rejected a message (%s, #%d): %s", self.address, reason, count, detail)
+        log_rate_limited(log, count, "routing collector %s rejected a message (%s): %s", self.address, reason, detail)
         if key is not None:
             self._send(identity, wf.Rejected(key, reason))
 
@@ -398,6 +433,11 @@ class RoutingCollector:
                 self._socket.send_multipart([identity, ack], zmq.NOBLOCK)
             except zmq.Again:
                 pass
+
+    def _wake_waiters(self) -> None:
+        """Called by a dying thread: consumers blocked in ``take`` wake up and raise."""
+        with self._cond:
+            self._cond.notify_all()
 
     def _wake(self) -> None:
         with self._wake_lock:

@@ -55,7 +55,7 @@ Limits: a header frame is at most 64 KiB; a collector refuses payloads above its
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Union
+from typing import Annotated, Union
 
 import msgspec
 import numpy as np
@@ -68,6 +68,11 @@ MAX_KEY_BYTES = 1024
 _UINT8_MAX_EXPERTS = 256
 _MAX_EXPERTS = 32768
 DTYPES = {"uint8": torch.uint8, "int16": torch.int16}
+
+# Integer fields are bounded at decoding, so no claim read off the wire (a count, an offset, a
+# nonce) can be negative or overflow a 64-bit conversion later.
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+Hash64 = Annotated[int, msgspec.Meta(ge=0)]  # msgpack itself bounds it to 2**64 - 1
 
 
 class WireFormatError(ValueError):
@@ -82,21 +87,21 @@ class RoutingHeader(msgspec.Struct, tag="routing", tag_field="type", forbid_unkn
     version: int
     key: str
     weight_version: str
-    num_layers: int
-    layer_start: int
-    layer_stop: int
-    top_k: int
-    num_experts: int
+    num_layers: Count
+    layer_start: Count
+    layer_stop: Count
+    top_k: Count
+    num_experts: Count
     dtype: str
-    rows: int
-    start: int
-    num_tokens: int
-    token_hash: int
-    payload_bytes: int
-    mask_bytes: int
-    checksum: int
+    rows: Count
+    start: Count
+    num_tokens: Count
+    token_hash: Hash64
+    payload_bytes: Count
+    mask_bytes: Count
+    checksum: Hash64
     shm: Union[str, None] = None
-    shm_offset: int = 0
+    shm_offset: Count = 0
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -114,8 +119,10 @@ class RoutingHeader(msgspec.Struct, tag="routing", tag_field="type", forbid_unkn
         """Raises WireFormatError when the header is inconsistent or exceeds ``max_payload_bytes``."""
         if self.version != FORMAT_VERSION:
             raise WireFormatError("version", f"format version {self.version}, this collector reads {FORMAT_VERSION}")
-        if not self.key or len(self.key.encode()) > MAX_KEY_BYTES:
+        if not self.key or len(self.key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
             raise WireFormatError("key", f"key must be 1..{MAX_KEY_BYTES} bytes")
+        if not _is_utf8(self.key) or not _is_utf8(self.weight_version):
+            raise WireFormatError("key", "key and weight_version must be valid UTF-8 text")
         if not 1 <= self.num_experts <= _MAX_EXPERTS or not 1 <= self.top_k <= self.num_experts:
             raise WireFormatError("layout", f"top_k {self.top_k} of num_experts {self.num_experts}")
         want = "uint8" if self.num_experts <= _UINT8_MAX_EXPERTS else "int16"
@@ -137,12 +144,12 @@ class RoutingHeader(msgspec.Struct, tag="routing", tag_field="type", forbid_unkn
 
 
 class Ping(msgspec.Struct, tag="ping", tag_field="type", forbid_unknown_fields=True):
-    nonce: int
+    nonce: Hash64
     shm_probe: Union[str, None] = None
 
 
 class Pong(msgspec.Struct, tag="pong", tag_field="type", forbid_unknown_fields=True):
-    nonce: int
+    nonce: Hash64
     epoch: str
     shm_ok: bool
 
@@ -182,19 +189,34 @@ def encode(message: msgspec.Struct) -> bytes:
 
 
 def decode_to_collector(frame: bytes | memoryview) -> RoutingHeader | Ping:
-    if len(frame) > MAX_HEADER_BYTES:
-        raise WireFormatError("header", f"header frame of {len(frame)} bytes exceeds {MAX_HEADER_BYTES}")
-    try:
-        return _collector_decoder.decode(frame)
-    except msgspec.DecodeError as exc:
-        raise WireFormatError("header", str(exc)) from None
+    """The header frame of a message to a collector. Raises WireFormatError (reason ``header``) for
+    anything else, whatever the bytes: no other exception escapes."""
+    return _decode(_collector_decoder, frame, "header")
 
 
 def decode_to_sender(frame: bytes | memoryview) -> Pong | Received | Taken | Released | Rejected:
+    """An acknowledgement to a sender. Raises WireFormatError (reason ``control``) for anything
+    else, whatever the bytes: no other exception escapes."""
+    return _decode(_sender_decoder, frame, "control")
+
+
+def _decode(decoder: msgspec.msgpack.Decoder, frame: bytes | memoryview, reason: str):
     try:
-        return _sender_decoder.decode(frame)
-    except msgspec.DecodeError as exc:
-        raise WireFormatError("control", str(exc)) from None
+        if len(frame) > MAX_HEADER_BYTES:
+            raise WireFormatError(reason, f"frame of {len(frame)} bytes exceeds {MAX_HEADER_BYTES}")
+        return decoder.decode(frame)
+    except WireFormatError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - foreign bytes: any failure, in any msgspec version, is a rejection
+        raise WireFormatError(reason, f"{type(exc).__name__}: {exc}") from None
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # lone surrogates: not encodable, so not sendable
+        return False
+    return True
 
 
 def token_hash(token_ids: Sequence[int] | torch.Tensor | np.ndarray) -> int:

@@ -12,6 +12,11 @@ collector reports it ``taken`` by the consumer. It is resent when no ``received`
 with a new epoch (it restarted). Collectors de-duplicate by key, so delivery is at-least-once on
 the wire and exactly-once to the consumer. A sample that is rejected, or not taken within
 ``give_up_after_s``, fails its Delivery futures and is logged: nothing is dropped silently.
+
+Acknowledgements are input too: an ack frame that does not decode, or arrives in a multipart
+message, is counted by reason (``stats().acks_rejected``) and logged (rate-limited); one that
+decodes but matches nothing pending is counted as ignored. If the thread dies anyway, every
+pending delivery fails and every later call raises ``BackgroundThreadDied`` naming the cause.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import re
 import threading
 import time
+import traceback
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -31,6 +38,7 @@ import zmq
 from routing_replay.wire import format as wf
 from routing_replay.wire import shm
 from routing_replay.wire.security import CurveClient, secure_client
+from routing_replay.wire.worker import BackgroundThreadDied, WorkerThread, log_rate_limited
 
 log = logging.getLogger("routing_replay.wire")
 
@@ -41,6 +49,38 @@ class SenderFull(RuntimeError):
 
 class DeliveryError(RuntimeError):
     """A sample will not reach its consumer; the message says why."""
+
+
+_ENDPOINT = re.compile(r"tcp://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>[0-9]{1,5})|ipc://[^\x00]{1,107}")
+
+
+def check_endpoint(address: object) -> str:
+    """``address`` if it is a ZMQ endpoint a sender can connect to (``tcp://HOST:PORT`` with PORT
+    1..65535, or ``ipc://PATH``); ValueError naming the problem otherwise."""
+    if not isinstance(address, str):
+        raise ValueError(f"a collector address must be a string like tcp://host:port, got {type(address).__name__}")
+    match = _ENDPOINT.fullmatch(address)
+    if match is None or (match["port"] is not None and not 1 <= int(match["port"]) <= 65535):
+        raise ValueError(f"{address[:200]!r} is not a collector address (tcp://HOST:PORT with PORT 1..65535, "
+                         "or ipc://PATH)")
+    return address
+
+
+@dataclass
+class SenderStats:
+    """Counts since start. Every acknowledgement frame read is exactly one of: ``acks`` (applied),
+    ``acks_ignored`` (valid, but for nothing pending: duplicates, stale pongs) or
+    ``acks_rejected`` (by reason)."""
+
+    transmitted: int = 0
+    """Routing messages handed to a socket, resends included."""
+    taken: int = 0
+    failed: int = 0
+    acks: int = 0
+    acks_ignored: int = 0
+    acks_rejected: collections.Counter = field(default_factory=collections.Counter)
+    pending: int = 0
+    queued_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -135,9 +175,10 @@ class RoutingSender:
         self._wake_pull.bind(self._wake_address)
         self._wake_push = self._context.socket(zmq.PUSH)
         self._wake_push.connect(self._wake_address)
+        self._stats = SenderStats()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="routing-sender", daemon=True)
-        self._thread.start()
+        self._worker = WorkerThread(f"routing-sender-{id(self):x}", self._run, self._fail_everything)
+        self._worker.start()
 
     # ---- producer API -------------------------------------------------------------------------
 
@@ -150,13 +191,15 @@ class RoutingSender:
         ``valid`` ``[rows, L]`` bool marks recorded positions (None: all). ``layers=(a, b)`` sends
         only layers ``a..b-1`` (a pipeline stage's slice; costs one copy of the slice).
         """
+        self._worker.check()
         outgoing = self._prepare(meta, routing, valid, layers)
-        outgoing.delivery.destination = destination
+        outgoing.delivery.destination = check_endpoint(destination)
         with self._cond:
             if outgoing.nbytes > self.config.max_queued_bytes:
                 raise SenderFull(f"{meta.key!r}: {outgoing.nbytes} bytes exceed max_queued_bytes")
             deadline = None if timeout is None else time.monotonic() + timeout
             while self._queued_bytes + outgoing.nbytes > self.config.max_queued_bytes:
+                self._worker.check()
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if not block or (remaining is not None and remaining <= 0):
                     raise SenderFull(
@@ -164,6 +207,7 @@ class RoutingSender:
                         f"(max_queued_bytes={self.config.max_queued_bytes})"
                     )
                 self._cond.wait(remaining)
+            self._worker.check()  # it may have died while we waited: nothing would ever send this
             self._queued_bytes += outgoing.nbytes
             self._incoming.append(outgoing)
         self._wake()
@@ -171,12 +215,14 @@ class RoutingSender:
 
     def connect(self, destination: str) -> None:
         """Starts the handshake with a collector ahead of the first send, so ``reachable`` knows."""
-        self._connect_requests.append(destination)
+        self._worker.check()
+        self._connect_requests.append(check_endpoint(destination))
         self._wake()
 
     def reachable(self, destination: str) -> bool | None:
         """True if the collector answered a heartbeat recently, False if it has not answered for
         three heartbeats, None while that is not yet known (never contacted, or just now)."""
+        self._worker.check()
         dest = self._destinations.get(destination)
         if dest is None:
             return None
@@ -191,21 +237,35 @@ class RoutingSender:
     def queued_bytes(self) -> int:
         return self._queued_bytes
 
+    def stats(self) -> SenderStats:
+        self._worker.check()
+        with self._cond:
+            stats = SenderStats(**{name: getattr(self._stats, name) for name in SenderStats.__dataclass_fields__})
+            stats.acks_rejected = collections.Counter(self._stats.acks_rejected)
+            stats.pending, stats.queued_bytes = len(self._pending), self._queued_bytes
+        return stats
+
+    def check(self) -> None:
+        """Raises BackgroundThreadDied if the sender's thread has died (a health check)."""
+        self._worker.check()
+
     def flush(self, timeout: float) -> None:
         """Waits until every sample sent so far is taken (or failed); TimeoutError otherwise."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while self._queued_bytes:
+                self._worker.check()
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError(f"{self._queued_bytes} bytes of routing still awaiting their consumers")
                 self._cond.wait(remaining)
+        self._worker.check()  # a death fails (and so un-queues) everything: that is no successful flush
 
     def close(self) -> None:
         """Stops the thread; deliveries not yet taken fail with DeliveryError."""
         self._stop.set()
         self._wake()
-        self._thread.join()
+        self._worker.join()
         for message in list(self._pending.values()) + list(self._incoming):
             self._finish(message, DeliveryError(f"{message.header.key!r}: sender closed before it was taken"))
         for dest in self._destinations.values():
@@ -266,7 +326,11 @@ class RoutingSender:
                 while self._wake_pull.poll(0):
                     self._wake_pull.recv()
             while self._connect_requests:
-                self._destination(self._connect_requests.popleft(), poller)
+                address = self._connect_requests.popleft()
+                try:
+                    self._destination(address, poller)
+                except zmq.ZMQError as exc:
+                    log.error("routing sender cannot connect to %s: %s", address, exc)
             self._admit_incoming(poller)
             for dest in self._destinations.values():
                 if dest.socket in events:
@@ -285,7 +349,12 @@ class RoutingSender:
             payload_view = memoryview(message.payload).cast("B")
             mask_view = memoryview(message.mask).cast("B") if message.mask is not None else memoryview(b"")
             message.header.checksum = wf.checksum(payload_view, mask_view)
-            dest = self._destination(message.delivery.destination, poller)
+            try:
+                dest = self._destination(message.delivery.destination, poller)
+            except zmq.ZMQError as exc:  # checked syntax, yet refused (e.g. a host name that does not resolve)
+                self._finish(message, DeliveryError(f"{message.header.key!r}: cannot connect to "
+                                                    f"{message.delivery.destination}: {exc}"))
+                continue
             slot = (dest.address, message.header.key)
             if slot in self._pending:  # the same key again: the newer routing replaces the older
                 self._finish(self._pending.pop(slot), DeliveryError(f"{message.header.key!r}: replaced by a newer send"))
@@ -302,7 +371,11 @@ class RoutingSender:
             sock.sndhwm = self.config.send_hwm
             if self.config.curve is not None:
                 secure_client(sock, self.config.curve)
-            sock.connect(address)
+            try:
+                sock.connect(address)
+            except zmq.ZMQError:
+                sock.close(linger=0)
+                raise
             poller.register(sock, zmq.POLLIN)
             dest = self._destinations[address] = _Destination(address, sock)
         return dest
@@ -323,6 +396,7 @@ class RoutingSender:
         except zmq.Again:
             return  # high-water mark: retried on the next tick
         message.sent_at = time.monotonic()
+        self._stats.transmitted += 1
 
     def _use_shm(self, dest: _Destination, nbytes: int) -> bool:
         if not (self.config.shared_memory and dest.shm_ok and nbytes >= self.config.shm_min_bytes):
@@ -339,36 +413,54 @@ class RoutingSender:
     def _read_acks(self, dest: _Destination) -> None:
         while True:
             try:
-                frame = dest.socket.recv(zmq.NOBLOCK)
+                frames = dest.socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             try:
-                ack = wf.decode_to_sender(frame)
+                if len(frames) != 1:
+                    raise wf.WireFormatError("frames", f"an acknowledgement of {len(frames)} frames")
+                applied = self._apply_ack(dest, wf.decode_to_sender(frames[0]))
             except wf.WireFormatError as exc:
-                log.warning("routing sender ignored a bad acknowledgement from %s: %s", dest.address, exc)
-                continue
-            if isinstance(ack, wf.Pong):
-                self._on_pong(dest, ack)
-                continue
-            if isinstance(ack, wf.Released):
-                self._free_region((dest.address, ack.key))
-                continue
-            message = self._pending.get((dest.address, ack.key))
-            if message is None:
-                continue  # already finished: a duplicate acknowledgement
-            if isinstance(ack, wf.Received):
-                message.received_epoch = ack.epoch
-                _resolve(message.delivery.received)
-            elif isinstance(ack, wf.Taken):
-                self._finish(self._pending.pop((dest.address, ack.key)), None)
+                self._reject_ack(dest, exc.reason, str(exc))
+            except Exception as exc:  # noqa: BLE001 - a bug on some input must cost that ack, not the sender
+                self._reject_ack(dest, "internal_error", f"{exc!r}\n{traceback.format_exc()}")
             else:
-                self._free_region((dest.address, ack.key))
-                self._finish(self._pending.pop((dest.address, ack.key)),
-                             DeliveryError(f"{ack.key!r} rejected by {dest.address}: {ack.reason}"))
+                with self._cond:
+                    if applied:
+                        self._stats.acks += 1
+                    else:
+                        self._stats.acks_ignored += 1
 
-    def _on_pong(self, dest: _Destination, pong: wf.Pong) -> None:
+    def _reject_ack(self, dest: _Destination, reason: str, detail: str) -> None:
+        with self._cond:
+            self._stats.acks_rejected[reason] += 1
+            count = self._stats.acks_rejected[reason]
+        log_rate_limited(log, count, "routing sender ignored a bad acknowledgement from %s (%s): %s",
+                         dest.address, reason, detail)
+
+    def _apply_ack(self, dest: _Destination, ack) -> bool:
+        """Acts on one decoded acknowledgement; False when it concerns nothing pending."""
+        if isinstance(ack, wf.Pong):
+            return self._on_pong(dest, ack)
+        if isinstance(ack, wf.Released):
+            return self._free_region((dest.address, ack.key))
+        message = self._pending.get((dest.address, ack.key))
+        if message is None:
+            return False  # already finished: a duplicate acknowledgement
+        if isinstance(ack, wf.Received):
+            message.received_epoch = ack.epoch
+            _resolve(message.delivery.received)
+        elif isinstance(ack, wf.Taken):
+            self._finish(self._pending.pop((dest.address, ack.key)), None)
+        else:
+            self._free_region((dest.address, ack.key))
+            self._finish(self._pending.pop((dest.address, ack.key)),
+                         DeliveryError(f"{ack.key!r} rejected by {dest.address}: {ack.reason}"))
+        return True
+
+    def _on_pong(self, dest: _Destination, pong: wf.Pong) -> bool:
         if pong.nonce != dest.nonce:
-            return  # answer to an older ping
+            return False  # answer to an older ping
         dest.last_pong = time.monotonic()
         restarted = dest.epoch is not None and pong.epoch != dest.epoch
         first = dest.epoch is None
@@ -380,6 +472,7 @@ class RoutingSender:
                 if address == dest.address:
                     message.received_epoch = None
                     self._transmit(dest, message)
+        return True
 
     def _tick(self) -> None:
         now = time.monotonic()
@@ -415,10 +508,11 @@ class RoutingSender:
             pass
         dest.next_ping = now + self.config.heartbeat_s
 
-    def _free_region(self, slot: tuple[str, str]) -> None:
+    def _free_region(self, slot: tuple[str, str]) -> bool:
         offset = self._regions.pop(slot, None)
         if offset is not None:
             self._arena.free(offset)
+        return offset is not None
 
     def _finish(self, message: _Outgoing, error: Exception | None) -> None:
         if error is None:
@@ -430,7 +524,22 @@ class RoutingSender:
                     future.set_exception(error)
         with self._cond:
             self._queued_bytes -= message.nbytes
+            if error is None:
+                self._stats.taken += 1
+            else:
+                self._stats.failed += 1
             self._cond.notify_all()
+
+    def _fail_everything(self) -> None:
+        """Called by a dying thread: every delivery not yet taken fails with the thread's error, and
+        producers blocked in ``send`` or ``flush`` wake up and raise it."""
+        error = BackgroundThreadDied(self._worker.name, self._worker.error)
+        with self._cond:
+            outgoing = list(self._pending.values()) + list(self._incoming)
+            self._pending.clear()
+            self._incoming.clear()
+        for message in outgoing:
+            self._finish(message, DeliveryError(f"{message.header.key!r}: {error}"))
 
     def _wake(self) -> None:
         with self._cond:

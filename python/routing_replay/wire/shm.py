@@ -18,6 +18,7 @@ import itertools
 import mmap
 import os
 import secrets
+import stat
 from collections import OrderedDict
 from pathlib import Path
 
@@ -67,12 +68,28 @@ def write_probe(name: str, data: bytes) -> None:
     _path(name).write_bytes(data)
 
 
+PROBE_BYTES = 8
+
+
 def read_probe(name: str) -> bytes | None:
-    """The bytes of a probe segment, or None if it cannot be read here."""
+    """The first bytes of a probe segment (a name off the wire may point at any file of ours, even
+    an arena of gigabytes: never more than a probe's size is read), or None if it cannot be read here."""
     try:
-        return _path(name).read_bytes()
+        fd = _open_regular(name, os.O_RDONLY)
     except (OSError, ValueError):
         return None
+    with os.fdopen(fd, "rb") as f:
+        return f.read(PROBE_BYTES + 1)
+
+
+def _open_regular(name: str, flags: int) -> int:
+    """Opens a regular file of ours without blocking (a FIFO under that name must not stall a
+    receive loop); OSError for anything else."""
+    fd = os.open(_path(name), flags | os.O_NONBLOCK | os.O_NOFOLLOW)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{name} is not a regular file")
+    return fd
 
 
 class Arena:
@@ -137,7 +154,7 @@ class ArenaViews:
     def view(self, name: str, offset: int, nbytes: int) -> memoryview:
         mapped = self._maps.get(name)
         if mapped is None:
-            fd = os.open(_path(name), os.O_RDWR)
+            fd = _open_regular(name, os.O_RDWR)
             try:
                 mapped = mmap.mmap(fd, os.fstat(fd).st_size)
             finally:
