@@ -64,7 +64,15 @@ def _train(args: argparse.Namespace) -> int:
 def _plot(args: argparse.Namespace) -> int:
     from routing_replay import run_log
 
-    for path in run_log.plot(args.run_dir, args.out):
+    try:
+        paths = run_log.plot(args.run_dir, args.out)
+    except run_log.MetricsError as exc:
+        print(f"routing-replay plot: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. --out names a file
+        print(f"routing-replay plot: cannot write the plots: {exc}", file=sys.stderr)
+        return 1
+    for path in paths:
         print(path)
     return 0
 
@@ -84,6 +92,17 @@ def _serve(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: a count of at least 1 (argparse reports the error and exits 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="routing-replay",
@@ -97,8 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
         "its routing with RoutingRecorder, and checks each request's rows against the routing used and "
         "against an uncached Hugging Face forward. Exits 1 if any delivered row differs from the one used.",
     )
-    demo.add_argument("--requests", type=int, default=4, help="requests sharing the cached prefix (default: 4)")
-    demo.add_argument("--new-tokens", type=int, default=12, help="tokens each request decodes (default: 12)")
+    demo.add_argument("--requests", type=_positive_int, default=4,
+                      help="requests sharing the cached prefix, at least 1 (default: 4)")
+    demo.add_argument("--new-tokens", type=_positive_int, default=12,
+                      help="tokens each request decodes, at least 1 (default: 12)")
     demo.add_argument("--seed", type=int, default=0, help="seed for the model and the prompts (default: 0)")
     demo.add_argument("--json", type=Path, default=None, help="also write the per-request report to this JSON file")
     demo.set_defaults(run=_capture_demo)
@@ -128,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Megatron trainer ranks with their routing collectors and the reward workers, warm-starts with SFT if "
         "configured, and runs train.steps RL steps. Metrics go to RUN_DIR/metrics.jsonl and TensorBoard, "
         "checkpoints to RUN_DIR/checkpoints (run.checkpoint_every). Exit codes: 0 done, 1 job error, 2 bad "
-        "configuration, 130 interrupted.",
+        "configuration (one line naming the file and the field or line), 130 interrupted.",
     )
     train.add_argument("--config", required=True, type=Path, help="YAML job configuration (see configs/)")
     train.add_argument("--dry-run", action="store_true", help="validate and print the plan, then exit")
@@ -142,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     plot = sub.add_parser("plot", help="draw PNG curves of a run's metrics.jsonl",
                           description="Draws one PNG per metric group (reward, mismatch, staleness, ...) of RUN_DIR's "
-                          "metrics.jsonl, a curve per metric, into RUN_DIR/plots (or --out).")
+                          "metrics.jsonl, a curve per metric, into RUN_DIR/plots (or --out). Exit codes: 0 done, 1 the "
+                          "plots cannot be written, 2 no metrics.jsonl or a malformed line (named).")
     plot.add_argument("run_dir", type=Path, help="a run directory holding metrics.jsonl")
     plot.add_argument("--out", type=Path, default=None, help="where to write the PNGs (default: RUN_DIR/plots)")
     plot.set_defaults(run=_plot)

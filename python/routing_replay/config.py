@@ -1,23 +1,31 @@
 """The RL job's configuration: a typed schema, loaded strictly from YAML.
 
 Each component reads its own section. Unknown keys and bad values are errors that name the field
-(``train.mini_batches: must be >= 1``). ``validate_job`` adds the cross-field checks a dry run
-makes (parallel sizes against the architecture and the GPUs, batch divisibility, sampling
-parameters that keep the mismatch metric about numerics) and ``memory_estimate`` the per-GPU
-memory of training and of routing capture.
+(``train.mini_batches: must be >= 1``); the YAML loader also refuses what PyYAML would silently drop
+or change (duplicate keys, keys that are not strings, tags without a JSON equivalent), so that every
+problem with a file is one ``ConfigError`` naming the file and the field or the line.
+``validate_job`` adds the cross-field checks a dry run makes (parallel sizes against the
+architecture and the GPUs, batch divisibility, sampling parameters that keep the mismatch metric
+about numerics) and ``memory_estimate`` the per-GPU memory of training and of routing capture.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import ErrorDetails
+from yaml.constructor import ConstructorError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: no silent conversions (``steps: true`` is not 1, ``lr: "0.1"`` is not 0.1); ints are
+    # still accepted where a float is expected. NaN and infinity are never a meaningful setting.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class Architecture(_Section):
@@ -32,7 +40,7 @@ class Architecture(_Section):
     top_k: int = Field(ge=1)
     moe_intermediate_size: int = Field(ge=1)
     vocab_size: int = Field(ge=1)
-    moe_layers: int | None = None
+    moe_layers: int | None = Field(default=None, ge=1)
     """Layers with a router (default: all)."""
 
 
@@ -105,6 +113,16 @@ class TrainSection(_Section):
     correction: CorrectionSection = CorrectionSection()
 
 
+def _scalar(value: object) -> object:
+    # One error for a list or mapping, not one per member of the union below.
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"must be a number or a string, got {_yaml_kind(value)}")
+    return value
+
+
+TaskArgument = Annotated[int | float | str, BeforeValidator(_scalar)]
+
+
 class TaskSection(_Section):
     name: str = "addition"
     """Built-in task (addition) or a name for the run's records."""
@@ -112,7 +130,7 @@ class TaskSection(_Section):
     """Local JSONL of prompts (built-in tasks generate theirs)."""
     reward: str = "routing_replay.tasks.addition:reward"
     """Import path ``module:function`` of the reward function."""
-    args: dict[str, int | float | str] = {}
+    args: dict[str, TaskArgument] = {}
     """Keyword arguments of a built-in task's prompt generator (addition: ``max_operand``)."""
     reward_workers: int = Field(default=1, ge=1)
     """Ray actors computing rewards."""
@@ -143,21 +161,157 @@ class JobConfig(_Section):
 
 
 class ConfigError(ValueError):
-    """A configuration file is malformed or inconsistent; the message names the field(s)."""
+    """A configuration file is malformed or inconsistent; the message names the file and the
+    field(s) or the line."""
+
+
+def _yaml_kind(value: object) -> str:
+    """How a YAML author would call the type of ``value``."""
+    kinds = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+             dict: "a mapping", type(None): "null"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def _short_tag(tag: str) -> str:
+    return tag.replace("tag:yaml.org,2002:", "!!")
+
+
+def _refuse_tag(loader: yaml.SafeLoader, node: yaml.Node) -> None:
+    raise ConstructorError(None, None, f"{_short_tag(node.tag)} has no place in a job configuration", node.start_mark)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses what PyYAML would otherwise lose or change silently: a duplicate
+    key (PyYAML keeps the last), a key that is not a string (``on:`` is the boolean true), sets,
+    binary and ordered-pair tags; it reads ``1e-5`` as a number (YAML 1.1 wants ``1.0e-5``) and a
+    date as the text written."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_line: dict[str, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *anchor``; explicit keys override it
+                continue
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise ConstructorError(None, None, "a key must be a string, not a list or mapping", key_node.start_mark)
+            key = self.construct_object(key_node)
+            if not isinstance(key, str):
+                raise ConstructorError(None, None, f"the key {key_node.value!r} reads as {_yaml_kind(key)}, not a "
+                                       "string: quote it", key_node.start_mark)
+            if key in first_line:
+                raise ConstructorError(None, None, f"duplicate key {key!r} (first at line {first_line[key]})",
+                                       key_node.start_mark)
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> object:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, KeyError) as exc:  # an explicit tag on a value it cannot hold: ``!!int abc``
+            raise ConstructorError(None, None, f"{node.value!r} is not a valid {_short_tag(node.tag)}",
+                                   node.start_mark) from None
+
+
+for _tag in ("binary", "set", "omap", "pairs"):
+    _StrictLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _refuse_tag)
+_StrictLoader.add_constructor("tag:yaml.org,2002:timestamp", yaml.SafeLoader.construct_yaml_str)
+_EXPONENT_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789"))
+
+
+def _read_text(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}: line {line}: not UTF-8: byte 0x{data[exc.start]:02x} at byte offset "
+                          f"{exc.start}") from None
+
+
+def _construct(text: str) -> tuple[object, yaml.Node | None]:
+    """The document's data and its node tree (for the line of a field)."""
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        return (None if node is None else loader.construct_document(node)), node
+    finally:
+        loader.dispose()
+
+
+def _parse_yaml(path: Path, text: str) -> tuple[object, yaml.Node | None]:
+    try:
+        return _construct(text)
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        raise ConfigError(f"{path}: line {line}: the character U+{exc.character:04X} is not allowed in YAML") from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        context = f"{exc.context}: " if exc.context else ""
+        raise ConfigError(f"{path}: {where}{context}{exc.problem}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply") from None
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
+    """The line of the key or item at ``loc``, or of its nearest ancestor in the file."""
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            key_node, node = next(((k, v) for k, v in node.value if k.value == part), (None, None))
+            if key_node is None:
+                break
+            line = key_node.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _allowed_keys(loc: tuple[int | str, ...]) -> list[str]:
+    """The keys of the section that holds ``loc`` (an unknown key's location)."""
+    section: type[BaseModel] = JobConfig
+    for part in loc[:-1]:
+        annotation = section.model_fields[str(part)].annotation
+        section = next(t for t in (annotation, *get_args(annotation))
+                       if isinstance(t, type) and issubclass(t, BaseModel))
+    return list(section.model_fields)
+
+
+def _describe(error: ErrorDetails, root: yaml.Node | None) -> str:
+    # An unknown key may hold a newline: quote it so that the message stays on one line.
+    where = ".".join(str(part) if str(part).isprintable() else repr(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        message = f"unknown key; allowed: {', '.join(_allowed_keys(error['loc']))}"
+    elif error["type"] in ("model_type", "dict_type"):
+        message = f"must be a mapping, got {_yaml_kind(error['input'])}"
+    elif error["type"].endswith("_type"):
+        message = f"{error['msg']}, got {_yaml_kind(error['input'])}"
+    else:
+        message = error["msg"]
+    line = _line_of(root, error["loc"])
+    return f"{where}: {message}" + (f" (line {line})" if line else "")
 
 
 def load(path: str | Path) -> JobConfig:
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    """The job configuration of a YAML file; every way the file can be wrong is a ConfigError naming
+    the file and the field or the line."""
+    path = Path(path)
+    raw, root = _parse_yaml(path, _read_text(path))
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
+        raise ConfigError(f"{path}: the top level must be a mapping of sections ({', '.join(JobConfig.model_fields)}),"
+                          f" got {'an empty document' if raw is None else _yaml_kind(raw)}")
     try:
         return JobConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"{path}: {problems}") from None
+        raise ConfigError(f"{path}: " + "; ".join(_describe(error, root) for error in exc.errors())) from None
 
 
 def validate_job(cfg: JobConfig, arch: Architecture) -> list[str]:
@@ -244,13 +398,29 @@ def architecture_of(cfg: JobConfig) -> Architecture:
     if cfg.model.tiny is not None:
         return Architecture(**TINY_ARCHITECTURE)
     config_json = Path(cfg.model.path) / "config.json"
-    if not config_json.exists():
-        raise ConfigError(f"model.architecture is required: {config_json} is not on this machine")
-    import json
+    try:
+        hf = json.loads(config_json.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"model.architecture is required: {config_json} is not on this machine") from None
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8, not JSON, or a NUL byte in model.path
+        raise ConfigError(f"{config_json}: cannot read as JSON: {exc}") from None
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{config_json}: the top level must be a JSON object")
+    try:
+        return _architecture_of_hf(hf)
+    except KeyError as exc:
+        raise ConfigError(f"{config_json}: no {exc} (set model.architecture instead)") from None
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"{config_json}: {problems} (set model.architecture instead)") from None
+    except (TypeError, ValueError, ArithmeticError) as exc:
+        raise ConfigError(f"{config_json}: not a Hugging Face MoE config ({exc}); set model.architecture instead") \
+            from None
 
+
+def _architecture_of_hf(hf: dict) -> Architecture:
     from routing_replay.capture.layout import moe_layer_ids
 
-    hf = json.loads(config_json.read_text())
     ns = type("HFConfig", (), hf)
     return Architecture(
         num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"], num_attention_heads=hf["num_attention_heads"],

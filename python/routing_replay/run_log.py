@@ -50,11 +50,31 @@ class RunLog:
         self.close()
 
 
+class MetricsError(ValueError):
+    """A run's metrics.jsonl is missing or malformed; the message names the file and the line."""
+
+
 def read(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / METRICS_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: is {run_dir} a run directory?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not path.is_file():
+        raise MetricsError(f"{path} does not exist: is {run_dir} a run directory?")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MetricsError(f"{path}: cannot read: {exc}") from None
+    return [_record(line, f"{path}, line {number}") for number, line in enumerate(lines, 1) if line.strip()]
+
+
+def _record(line: str, where: str) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise MetricsError(f"{where}: not JSON: {exc}") from None
+    numbers = isinstance(record, dict) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in record.values())
+    if not numbers or not isinstance(record.get("step"), int):
+        raise MetricsError(f"{where}: not a metrics record (an object of numbers with an integer step)")
+    return record
 
 
 def plot(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:

@@ -36,11 +36,14 @@ def write(tmp_path, text: str) -> Path:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("model: {tiny: qwen3_moe}\ntrain: {mini_batchs: 2}\n", "train.mini_batchs: Extra inputs are not permitted"),
+        ("model: {tiny: qwen3_moe}\ntrain: {mini_batchs: 2}\n",
+         "train.mini_batchs: unknown key; allowed: parallel, steps, mini_batches"),
         ("model: {tiny: qwen3_moe}\ntrain: {mini_batches: 0}\n", "train.mini_batches: Input should be greater than or equal to 1"),
         ("model: {tiny: qwen3_moe}\ntrain: {replay: R4}\n", "train.replay: Input should be 'none', 'R2' or 'R3'"),
         ("model: {tiny: qwen3_moe, path: /x}\n", "set exactly one of model.path and model.tiny"),
-        ("model: [1, 2]\n", "model: Input should be a valid dictionary"),
+        ("model: [1, 2]\n", "model: must be a mapping, got a list"),
+        ("model:\n  architecture: {moe_layers: 0}\n  path: /x\n",
+         "model.architecture.moe_layers: Input should be greater than or equal to 1"),
         ("- 1\n", "the top level must be a mapping"),
     ],
 )

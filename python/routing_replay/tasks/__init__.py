@@ -23,7 +23,7 @@ def load_reward(path: str) -> RewardFn:
         raise ValueError(f"reward {path!r} must look like 'package.module:function'")
     try:
         fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
+    except (ImportError, AttributeError, TypeError) as exc:  # TypeError: a relative name such as ".x"
         raise ValueError(f"reward {path!r} cannot be imported: {exc}") from None
     if not callable(fn):
         raise ValueError(f"reward {path!r} is not callable")
