@@ -119,11 +119,15 @@ _MSGPACK_VALUES = st.recursive(
 _TAGS = st.sampled_from(["routing", "ping", "pong", "received", "taken", "released", "rejected", "", "other"])
 
 
+def frames(base: dict, field_names: list[str]) -> st.SearchStrategy[bytes]:
+    """Arbitrary bytes, arbitrary msgpack, and ``base`` with any tag and some fields replaced."""
+    mutated = st.builds(lambda tag, fields: msgspec.msgpack.encode({**base, **fields, "type": tag}), _TAGS,
+                        st.dictionaries(st.sampled_from(field_names), _MSGPACK_VALUES, max_size=4))
+    return st.one_of(st.binary(max_size=512), _MSGPACK_VALUES.map(msgspec.msgpack.encode), mutated)
+
+
 @settings(max_examples=300, deadline=None)
-@given(st.one_of(st.binary(max_size=512), _MSGPACK_VALUES.map(msgspec.msgpack.encode),
-                 st.builds(lambda tag, fields: msgspec.msgpack.encode({**fields, "type": tag}), _TAGS,
-                           st.dictionaries(st.sampled_from(["key", "epoch", "nonce", "shm_ok", "reason", "x"]),
-                                           _MSGPACK_VALUES, max_size=4))))
+@given(frames({}, ["key", "epoch", "nonce", "shm_ok", "reason", "x"]))
 def test_any_frame_is_an_acknowledgement_or_the_documented_rejection(frame):
     try:
         ack = wf.decode_to_sender(frame)
@@ -136,11 +140,7 @@ def test_any_frame_is_an_acknowledgement_or_the_documented_rejection(frame):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.one_of(st.binary(max_size=512), _MSGPACK_VALUES.map(msgspec.msgpack.encode),
-                 st.builds(lambda tag, fields: msgspec.msgpack.encode({**msgspec.structs.asdict(header()),
-                                                                       **fields, "type": tag}),
-                           _TAGS, st.dictionaries(st.sampled_from([*wf.RoutingHeader.__struct_fields__, "nonce",
-                                                                   "shm_probe", "x"]), _MSGPACK_VALUES, max_size=3))))
+@given(frames(msgspec.structs.asdict(header()), [*wf.RoutingHeader.__struct_fields__, "nonce", "shm_probe", "x"]))
 def test_any_header_frame_is_a_valid_message_or_the_documented_rejection(frame):
     try:
         message = wf.decode_to_collector(frame)
