@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,30 @@ import torch
 
 from routing_replay.sglang.client import decode_inline, routing_descriptor, routing_params
 from routing_replay.sglang.server import SGLangServer
+
+# custom_params that every endpoint must refuse with HTTP 400, as JSON can carry them, and words the
+# refusal must contain. Values Python alone can build (non-string field names) are in the unit tests.
+MALFORMED_CUSTOM_PARAMS: list[tuple[object, str]] = [
+    *[(value, "custom_params must be an object") for value in ([], [1], "routing", 3, 1.5, True)],
+    *[({"routing_replay": value}, "must be true, false or an object")
+      for value in (0, 1, 1.0, 0.0, -1, "true", "", [], [{"key": "k"}])],
+    *[({"routing_replay": {name: 1}}, "unknown field") for name in ("colour", "Key", "start", "", "x" * 5000)],
+    ({"routing_replay": {"key": "k", "extra": {"nested": [1, 2]}}}, "unknown field"),
+    *[({"routing_replay": {"key": value}}, "key must be a string") for value in (1, 1.5, True, [], ["k"], {"k": 1})],
+    ({"routing_replay": {"key": ""}}, "key must not be empty"),
+    ({"routing_replay": {"key": "k" * 1025}}, "more than the wire's limit"),
+    ({"routing_replay": {"key": "é" * 600}}, "more than the wire's limit"),  # 600 characters, 1200 bytes
+    ({"routing_replay": {"key": "x\ud800y"}}, "surrogate"),  # over HTTP, SGLang's JSON decoder refuses it first
+    *[({"routing_replay": {"start_len": value}}, "start_len must be an integer from 0 to")
+      for value in (-1, -(2**40), 2**31, 2**63, 10**30, 1.5, 3.0, "3", True, False, [], {"n": 1})],
+    *[({"routing_replay": {"sink": value}}, "sink must be a string") for value in (5, 5.5, True, [], {"a": 1})],
+    *[({"routing_replay": {"sink": value}}, "is not a collector address")
+      for value in ("nowhere", "localhost:5555", "tcp://", "tcp://host", "tcp://host:0", "tcp://host:65536",
+                    "tcp://host:-1", "tcp://host:port", "http://host:80", "inproc://x", "ipc://", "tcp://h o:1",
+                    "tcp://[::1:5", "ipc://" + "p" * 200, "tcp://" + "h" * 100_000 + ":1")],
+    *[({"routing_replay": {"inline": value}}, "inline must be true or false")
+      for value in (1, 0, "yes", "true", [], {"v": True}, 1.0)],
+]
 
 SERVER_ARGS = ("--dtype", "float32", "--max-total-tokens", "4096", "--skip-server-warmup", "--mem-fraction-static", "0.5")
 
@@ -83,3 +109,28 @@ def hf_routing(path: str, tokens: list[int], top_k: int) -> torch.Tensor:
 def same_sets(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per (token, layer): do the two top-k rows hold the same set of experts?"""
     return (a.sort(-1).values == b.sort(-1).values).all(-1)
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str, every: float = 0.1):
+    """``condition()``'s first truthy value, polled every ``every`` seconds; TimeoutError naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not within {timeout:.0f}s: {what}")
+        time.sleep(every)
+
+
+def sglang_processes(server: SGLangServer) -> dict[str, int]:
+    """PIDs of the server's processes: ``main`` (HTTP server and tokenizer), and each child by its
+    SGLang process title (``sglang::scheduler``, ``sglang::detokenizer``)."""
+    import psutil
+
+    processes = {"main": server.process.pid}
+    for child in psutil.Process(server.process.pid).children(recursive=True):
+        title = " ".join(child.cmdline())
+        if title.startswith("sglang::"):
+            processes[title.split()[0]] = child.pid
+    return processes

@@ -1,16 +1,19 @@
-"""SchedulerRecording without a server: layer mapping, staging, per-forward copy, lifecycle.
+"""SchedulerRecording without a server: layer mapping, staging, per-forward copy, lifecycle, and
+what happens when our code fails inside SGLang's scheduler (faults injected by monkeypatching).
 
 The real-server behaviour is in tests/integration/test_sglang_recording.py; this pins the pieces
 SGLang cannot exercise on CPU (dense layers: SGLang 0.5.23's Qwen MoE models ignore mlp_only_layers).
 """
 
+import logging
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from routing_replay.sglang.options import RecordingOptions, RoutingRequest, RoutingRequestError
+from routing_replay.sglang.options import RecordingOptions
 from routing_replay.sglang.recording import SchedulerRecording
+from routing_replay.wire.worker import BackgroundThreadDied
 
 CONFIG = SimpleNamespace(num_hidden_layers=4, num_experts=8, num_experts_per_tok=2, mlp_only_layers=[0, 2])
 
@@ -28,8 +31,9 @@ def forward(rec: SchedulerRecording, slots: list[int], per_layer: dict[int, torc
         for layer_id, ids in per_layer.items():
             rows = torch.cat([ids, torch.randint(0, 8, (padded, 2))]) if padded else ids  # garbage padding rows
             rec.capture(layer_id, rows)
+        return "logits"
 
-    rec.run_forward(batch, run)
+    return rec.run_forward(batch, run)
 
 
 def test_rows_map_to_routers_by_layer_index_on_a_model_with_dense_layers():
@@ -40,8 +44,9 @@ def test_rows_map_to_routers_by_layer_index_on_a_model_with_dense_layers():
     rows = rec.main.gather([10, 11]).wait()
     assert rows.complete
     assert torch.equal(rows.ids[:, 0].long(), ids1) and torch.equal(rows.ids[:, 1].long(), ids3)
-    with pytest.raises(RuntimeError, match="layer 2 routed tokens but the model config says its MoE layers are \\[1, 3\\]"):
-        forward(rec, [12], {2: ids1[:1]})
+    forward(rec, [12], {1: ids1[:1], 2: ids1[:1]})  # a layer without a router: counted, never raised into SGLang
+    assert rec.failures.by_reason == {"capturing a layer's routing: RuntimeError": 1}
+    assert not rec.main.gather([12]).wait().valid.any()  # the whole forward stays unrecorded
 
 
 def test_staging_is_cleared_between_forwards_and_grows_for_large_eager_batches():
@@ -69,23 +74,6 @@ def test_capture_outside_a_forward_is_ignored():
     assert not rec.staging.gather(range(16)).wait().valid.any()
 
 
-@pytest.mark.parametrize(
-    ("custom", "expected"),
-    [(None, None), ({}, None), ({"routing_replay": False}, None), ({"routing_replay": True}, RoutingRequest()),
-     ({"routing_replay": {"key": "k", "start_len": 3, "inline": True}}, RoutingRequest("k", 3, None, True))],
-)
-def test_request_parameters(custom, expected):
-    assert RoutingRequest.from_custom_params(custom) == expected
-
-
-@pytest.mark.parametrize("bad", [{"routing_replay": 1}, {"routing_replay": {"key": ""}},
-                                 {"routing_replay": {"start_len": True}}, {"routing_replay": {"inline": "yes"}},
-                                 {"routing_replay": {"sink": "localhost:5"}}, {"routing_replay": {"x": 1}}])
-def test_bad_request_parameters_name_the_field(bad):
-    with pytest.raises(RoutingRequestError, match="custom_params.routing_replay"):
-        RoutingRequest.from_custom_params(bad)
-
-
 def test_routing_is_recorded_into_cuda_graphs_captured_outside_forwards(monkeypatch):
     """SGLang captures CUDA graphs by calling the model directly (no ModelRunner.forward); the
     per-layer record must still be captured, with every row (padding is dropped at copy time)."""
@@ -99,3 +87,133 @@ def test_routing_is_recorded_into_cuda_graphs_captured_outside_forwards(monkeypa
     monkeypatch.setattr(recording_module, "_capturing_cuda_graph", lambda: False)
     rec.capture(1, torch.tensor([[6, 7]]))  # outside capture and outside a forward: ignored
     assert rec.staging.gather([0]).wait().ids[0, 0].tolist() == [0, 1]
+
+
+# ---- failures of ours inside the scheduler -----------------------------------------------------------
+
+POOL = SimpleNamespace(req_to_token=torch.arange(64).view(1, 64))  # request 0's tokens sit in slots 0, 1, ...
+IDS = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7]])
+
+
+def finished_request(routing=None, rid: str = "r1") -> SimpleNamespace:
+    """A finished SGLang request of 5 tokens (so 4 rows) in request-pool row 0."""
+    custom_params = {"routing_replay": routing or {"inline": True}}
+    return SimpleNamespace(rid=rid, sampling_params=SimpleNamespace(custom_params=custom_params),
+                           origin_input_ids=[11, 12, 13], output_ids_through_stop=[14, 15],
+                           kv=SimpleNamespace(req_pool_idx=0), finished=lambda: True, finished_reason="length")
+
+
+def finish(rec: SchedulerRecording, req: SimpleNamespace) -> dict:
+    rec.request_finished(req, POOL, lambda: "v1")
+    [descriptor] = rec.descriptor_for(req)
+    return descriptor
+
+
+def raising(exc: BaseException):
+    def fail(*args, **kwargs):
+        raise exc
+
+    return fail
+
+
+def test_a_failed_delivery_is_the_requests_descriptor_with_every_row_missing(monkeypatch):
+    rec = recording()
+    forward(rec, [0, 1, 2, 3], {1: IDS, 3: IDS})
+    monkeypatch.setattr(rec.main, "gather", raising(RuntimeError("gather broke")))
+    descriptor = finish(rec, finished_request())
+    assert descriptor["delivery"] == "failed" and "gather broke" in descriptor["error"]
+    assert (descriptor["key"], descriptor["rows"], descriptor["missing"]) == ("r1", 4, 4 * 2)
+    assert descriptor["scheduler_errors"] == 1 and "inline" not in descriptor
+    monkeypatch.undo()
+    healthy = finish(rec, finished_request(rid="r2"))  # generation and recording go on
+    assert healthy["delivery"] == "inline" and healthy["missing"] == 0 and healthy["scheduler_errors"] == 1
+
+
+def test_a_dead_sender_thread_fails_the_delivery_naming_it():
+    rec = recording()
+    forward(rec, [0, 1, 2, 3], {1: IDS, 3: IDS})
+    rec.sender = SimpleNamespace(reachable=raising(BackgroundThreadDied("routing-sender", OSError("socket gone"))))
+    descriptor = finish(rec, finished_request({"sink": "tcp://127.0.0.1:9"}))
+    assert descriptor["delivery"] == "failed" and "BackgroundThreadDied" in descriptor["error"]
+    assert "routing-sender" in descriptor["error"] and descriptor["missing"] == 8
+
+
+def test_a_failed_capture_or_copy_leaves_that_forwards_rows_unrecorded_and_returns_its_result(monkeypatch):
+    rec = recording()
+    for target, method in ((rec.staging, "record"), (rec.main, "copy_rows_from")):
+        with monkeypatch.context() as patch:
+            patch.setattr(target, method, raising(RuntimeError(f"{method} broke")))
+            assert forward(rec, [0, 1], {1: IDS[:2], 3: IDS[:2]}) == "logits"
+        assert not rec.main.gather([0, 1]).wait().valid.any()
+        assert not rec.staging.gather([0, 1]).wait().valid.any()  # nothing staged leaks into the next forward
+    assert rec.failures.by_reason == {"capturing a layer's routing: RuntimeError": 1,
+                                      "copying a forward's rows: RuntimeError": 1}
+    forward(rec, [0, 1, 2, 3], {1: IDS, 3: IDS})
+    assert finish(rec, finished_request())["missing"] == 0
+
+
+def test_a_failure_while_a_cuda_graph_is_captured_is_raised(monkeypatch):
+    """At start-up: SGLang must refuse to start rather than serve graphs that record nothing."""
+    import routing_replay.sglang.recording as recording_module
+
+    rec = recording()
+    monkeypatch.setattr(recording_module, "_capturing_cuda_graph", lambda: True)
+    monkeypatch.setattr(rec.staging, "record", raising(RuntimeError("record broke")))
+    with pytest.raises(RuntimeError, match="record broke"):
+        rec.capture(1, IDS)
+
+
+def test_sglangs_own_forward_failure_propagates_and_drops_what_was_staged():
+    rec = recording()
+    batch = SimpleNamespace(out_cache_loc=torch.tensor([0, 1]), out_cache_loc_virtual=None, num_token_non_padded=None)
+
+    def crash():
+        rec.capture(1, IDS[:2])
+        raise MemoryError("out of memory in SGLang's forward")
+
+    with pytest.raises(MemoryError):
+        rec.run_forward(batch, crash)
+    assert not rec.staging.gather([0, 1]).wait().valid.any() and not rec.main.gather([0, 1]).wait().valid.any()
+    assert rec.failures.total == 0  # not ours
+
+
+def test_slots_that_cannot_be_reset_drop_every_row_and_then_recording_stops(monkeypatch):
+    rec = recording()
+    forward(rec, [0, 1, 2, 3], {1: IDS, 3: IDS})
+    monkeypatch.setattr(rec.main, "reset", raising(RuntimeError("reset broke")))
+    rec.slots_freed(torch.tensor([0]))
+    assert not rec.main.gather([0, 1, 2, 3]).wait().valid.any()  # stale rows are never delivered as current
+    assert rec.broken is None
+    monkeypatch.setattr(rec.main, "clear", raising(RuntimeError("clear broke")))
+    rec.slots_freed(torch.tensor([1]))
+    assert "clear broke" in rec.broken
+    monkeypatch.undo()
+    forward(rec, [0, 1, 2, 3], {1: IDS, 3: IDS})
+    descriptor = finish(rec, finished_request())
+    assert descriptor["delivery"] == "failed" and "stopped (restart the server)" in descriptor["error"]
+    assert descriptor["missing"] == 8 and descriptor["scheduler_errors"] == 3
+
+
+def test_weights_changed_and_descriptor_lookups_never_raise(monkeypatch):
+    rec = recording()
+    monkeypatch.setattr(rec.main, "clear", raising(RuntimeError("clear broke")))
+    rec.weights_changed()
+    assert rec.weights_dropped == 1 and "clear broke" in rec.broken
+    req = finished_request()
+    req.finished = raising(RuntimeError("finished() broke"))
+    [descriptor] = rec.descriptor_for(req)
+    assert descriptor["delivery"] == "failed" and "finished() broke" in descriptor["error"]
+    info = rec.with_descriptors({"other": [1]}, [req])
+    assert info["other"] == [1] and info["routing_replay"][0][0]["delivery"] == "failed"
+
+
+def test_failures_are_logged_in_full_once_per_reason_then_rate_limited(monkeypatch, caplog):
+    rec = recording()
+    monkeypatch.setattr(rec.main, "gather", raising(RuntimeError("gather broke")))
+    with caplog.at_level(logging.WARNING, logger="routing_replay.sglang"):
+        for i in range(250):
+            finish(rec, finished_request(rid=f"r{i}"))
+    logged = [r for r in caplog.records if "gather broke" in r.getMessage()]
+    assert len(logged) == 10 + 2  # the 1st (with its traceback) to the 10th, then the 100th and 200th
+    assert logged[0].exc_info is not None and all(r.exc_info is None for r in logged[1:])
+    assert rec.failures.by_reason == {"delivering a request's routing: RuntimeError": 250}

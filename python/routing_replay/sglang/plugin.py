@@ -6,8 +6,9 @@ It registers AROUND hooks (``HookRegistry``); each acts only in the process wher
 launcher   ``ServerArgs.add_cli_args`` / ``from_cli_args``: the ``--record-routing`` flags;
            ``engine._wait_for_scheduler_ready``: refuses to serve when recording was asked for but
            a scheduler did not report it live (SGLang logs and ignores a failing plugin or hook).
-tokenizer  ``TokenizerManager._validate_one_request``: a request asking for routing from a server
-           that is not recording, or with malformed parameters, gets HTTP 400.
+tokenizer  ``TokenizerManager._validate_one_request`` (every endpoint) and ``/generate``'s
+           ``generate_contract_error`` (before a stream starts): a request asking for routing from
+           a server that is not recording, or with malformed parameters, gets HTTP 400.
 scheduler  ``Scheduler.__init__`` builds the recording and wraps the KV allocator's frees;
            ``Scheduler.get_init_info`` reports it; ``ModelRunner.forward`` scopes each forward;
            ``capture_routed_experts_if_allowed`` is SGLang's single capture site for every MoE
@@ -15,6 +16,7 @@ scheduler  ``Scheduler.__init__`` builds the recording and wraps the KV allocato
            ``_maybe_collect_routed_experts`` runs when a request finishes, before its KV is released;
            the output streamer attaches the descriptor to ``meta_info["routing_replay"]``; the weight
            updater's ``flush_cache_after_weight_update`` drops rows of the old weights.
+           None of these lets an exception of ours into the scheduler (``SchedulerRecording.attempt``).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def register() -> None:
         "server_args.ServerArgs.from_cli_args": _from_cli_args,
         "entrypoints.engine._wait_for_scheduler_ready": _wait_for_scheduler_ready,
         "managers.tokenizer_manager.TokenizerManager._validate_one_request": _validate_request,
+        "entrypoints.api_contract.generate_contract_error": _generate_contract_error,
         "managers.scheduler.Scheduler.__init__": _scheduler_init,
         "managers.scheduler.Scheduler.get_init_info": _scheduler_init_info,
         "model_executor.model_runner.ModelRunner.forward": _model_forward,
@@ -90,22 +93,44 @@ def _wait_for_scheduler_ready(original, *args, **kwargs):
 
 
 def _validate_request(original, self, obj, *args, **kwargs):
-    sampling = getattr(obj, "sampling_params", None)
-    custom = sampling.get("custom_params") if isinstance(sampling, dict) else None
-    request = opts.RoutingRequest.from_custom_params(custom)  # RoutingRequestError is a ValueError: 400
-    if request is not None:
-        options = opts.current()
-        if not options.record_routing:
-            raise opts.RoutingRequestError(
-                "this request asks for routing (custom_params.routing_replay) but the server was started "
-                "without --record-routing"
-            )
-        if not (request.sink or options.routing_sink or request.inline):
-            raise opts.RoutingRequestError(
-                "routing requested without a destination: pass custom_params.routing_replay.sink or "
-                "inline=true, or start the server with --routing-sink"
-            )
+    # our RoutingRequestError is a ValueError: SGLang answers HTTP 400 with its message
+    _check_routing([_custom_params(getattr(obj, "sampling_params", None))], [getattr(obj, "rid", None)])
     return original(self, obj, *args, **kwargs)
+
+
+def _generate_contract_error(original, body):
+    """``/generate`` answers a stream with HTTP 200 before the tokenizer validates it (a refusal
+    then arrives as an event inside the stream) but runs this check before: refused here, every
+    ``/generate`` request with bad routing parameters, streamed or not, is an HTTP 400."""
+    error = original(body)
+    if error is not None or not isinstance(body, dict):
+        return error
+    try:
+        _check_routing([_custom_params(sampling) for sampling in _listed(body.get("sampling_params"))],
+                       _listed(body.get("rid")))
+    except opts.RoutingRequestError as exc:
+        return str(exc)
+    return None
+
+
+def _check_routing(custom_params: list, rids: list) -> None:
+    """RoutingRequestError unless this server can serve the routing asked for with these
+    ``custom_params``; ``rids`` are the requests' ids, the key of those that give none."""
+    options = opts.current()
+    requests = [opts.servable_request(custom, options) for custom in custom_params]
+    if any(request is not None and request.key is None for request in requests):
+        for rid in rids:
+            if isinstance(rid, str):  # else SGLang assigns one, or refuses the request itself
+                opts.RoutingRequest().delivery_key(rid)
+
+
+def _listed(value: Any) -> list:
+    """A batch field of a ``/generate`` body (one value, or one per request) as a list."""
+    return value if isinstance(value, list) else [value]
+
+
+def _custom_params(sampling: Any) -> Any:
+    return sampling.get("custom_params") if isinstance(sampling, dict) else None
 
 
 # ---- scheduler ------------------------------------------------------------------------------------
@@ -154,12 +179,12 @@ def _watch_frees(allocator: Any, recording: Any) -> None:
     free, clear = allocator.free, allocator.clear
 
     def free_and_reset(free_index, *args, **kwargs):
-        if allocator.free_group is None and free_index.numel():
+        if allocator.free_group is None:
             recording.slots_freed(free_index)
         return free(free_index, *args, **kwargs)
 
     def clear_and_reset(*args, **kwargs):
-        recording.main.clear()
+        recording.cache_cleared()
         return clear(*args, **kwargs)
 
     allocator.free, allocator.clear = free_and_reset, clear_and_reset
@@ -187,17 +212,18 @@ def _capture(original, topk_config, layer_id, topk_ids, *args, **kwargs):
 def _request_finished(original, self, req, *args, **kwargs):
     original(self, req, *args, **kwargs)
     if _recording is not None:
-        from sglang.srt.runtime_context import get_serving
+        _recording.request_finished(req, self.req_to_token_pool, _weight_version)
 
-        _recording.request_finished(req, self.req_to_token_pool.req_to_token, str(get_serving().weight_version))
+
+def _weight_version() -> str:
+    from sglang.srt.runtime_context import get_serving
+
+    return str(get_serving().weight_version)
 
 
 def _customized_info(original, self, reqs, *args, **kwargs):
     info = original(self, reqs, *args, **kwargs)
-    if _recording is not None:
-        info = dict(info)
-        info[META_KEY] = [_recording.descriptor_for(req) for req in reqs]
-    return info
+    return info if _recording is None else _recording.with_descriptors(info, reqs)
 
 
 def _request_level_key(original, self, key, *args, **kwargs):

@@ -14,6 +14,14 @@ prefilled. Slots are reset when SGLang's allocator actually frees them (after a 
 closes); all rows are dropped when the weights change, so rows of older weights are never
 delivered as current. When a request finishes, its rows ``[start_len, seqlen - 1)`` are gathered
 (the last token has no row) and delivered: queued on the wire to the sink, and/or returned inline.
+
+All of this runs inside SGLang's scheduler, so none of it may end the scheduler: every step runs
+in ``SchedulerRecording.attempt``, which counts and logs an exception instead of raising it. A
+request whose delivery failed gets a ``delivery: failed`` descriptor naming the reason, with all
+its rows counted as missing; a forward whose recording failed leaves its rows unrecorded (they
+show as missing); rows that could not be reset are dropped wholesale, and if even that fails the
+recording is marked broken and every later descriptor says so. Only during CUDA-graph capture (at
+start-up) is an exception raised, so SGLang refuses to start instead of serving without routing.
 """
 
 from __future__ import annotations
@@ -23,6 +31,9 @@ import json
 import logging
 import os
 import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -30,9 +41,10 @@ import torch
 
 from routing_replay.capture import RoutingLayout, RoutingRecorder, RoutingRows
 from routing_replay.capture.layout import moe_layer_ids
-from routing_replay.sglang.options import RecordingOptions, RoutingRequest
+from routing_replay.sglang.options import REQUEST_KEY, RecordingOptions, RoutingRequest
 from routing_replay.wire import RoutingMeta, RoutingSender, SenderConfig, SenderFull, token_hash
 from routing_replay.wire import format as wire_format
+from routing_replay.wire.worker import log_rate_limited
 
 log = logging.getLogger("routing_replay.sglang")
 
@@ -60,10 +72,65 @@ class CaptureProfile:
         os.replace(tmp, path)
 
 
+_MAX_ERROR_CHARS = 500  # of an exception's text in a descriptor
+
+
 @dataclass
 class _Forward:
     tokens: int
     valid_rows: int | torch.Tensor
+    slots: torch.Tensor | None = None  # None while a CUDA graph is captured: no copy follows
+    positions: torch.Tensor | None = None
+    started: float = 0.0
+    failed: bool = False  # its rows are dropped, never copied in part
+
+
+@dataclass
+class _Attempt:
+    error: str | None = None
+    """What failed and why, when the attempt raised."""
+
+
+@dataclass(frozen=True)
+class _Span:
+    """The rows a finished request asked for: positions ``[start, start + rows)`` of its tokens."""
+
+    key: str
+    tokens: list[int]
+    start: int
+
+    @property
+    def rows(self) -> int:
+        return max(len(self.tokens) - 1 - self.start, 0)  # the last token has no row
+
+    @classmethod
+    def of(cls, req: Any, params: RoutingRequest) -> _Span:
+        tokens = list(req.origin_input_ids) + list(req.output_ids_through_stop)
+        return cls(params.delivery_key(req.rid), tokens, min(params.start_len, max(len(tokens) - 1, 0)))
+
+
+class Failures:
+    """Our exceptions inside SGLang's scheduler, counted by reason (what failed and the exception
+    type). The first of each reason is logged with its traceback, later ones rate-limited."""
+
+    def __init__(self) -> None:
+        self.by_reason: Counter[str] = Counter()
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_reason.values())
+
+    def count(self, what: str, exc: Exception) -> str:
+        """Counts and logs ``exc``; returns the error text for descriptors."""
+        reason = f"{what}: {type(exc).__name__}"
+        self.by_reason[reason] += 1
+        error = f"{what} failed: {type(exc).__name__}: {exc}"[:_MAX_ERROR_CHARS]
+        if self.by_reason[reason] == 1:
+            log.error("routing-replay: %s (SGLang goes on; counted in descriptors' scheduler_errors)", error,
+                      exc_info=exc)
+        else:
+            log_rate_limited(log, self.by_reason[reason], "routing-replay: %s", error)
+        return error
 
 
 def _capturing_cuda_graph() -> bool:
@@ -84,6 +151,9 @@ class SchedulerRecording:
         self.descriptors: dict[str, dict] = {}
         self.forward_context: _Forward | None = None
         self.weights_dropped = 0
+        self.failures = Failures()
+        self.broken: str | None = None
+        """Why recording stopped for good (rows could not be dropped), else None."""
         self.profile_path = os.environ.get(PROFILE_ENV)
         self.profile = CaptureProfile()
         log.info("routing-replay: recording %s in scheduler pid %d: %d slots, %.1f MB + %.1f MB staging on %s, "
@@ -98,109 +168,201 @@ class SchedulerRecording:
         return sender
 
     def _staging_for(self, tokens: int) -> None:
-        self.staging = RoutingRecorder(self.layout, tokens, self.main.device)
-        self.positions = torch.arange(tokens, device=self.main.device)
+        staging = RoutingRecorder(self.layout, tokens, self.main.device)
+        positions = torch.arange(tokens, device=self.main.device)
+        self.staging, self.positions = staging, positions  # both or neither, should allocating fail
 
     def status(self) -> dict:
         """Reported to the launcher at start-up: proof that recording is live in this process."""
         return {"pid": os.getpid(), "layout": [self.layout.num_layers, self.layout.top_k, self.layout.num_experts],
                 "num_slots": self.main.num_slots, "bytes": self.main.nbytes}
 
+    # ---- failure containment ----------------------------------------------------------------------
+
+    @contextmanager
+    def attempt(self, what: str) -> Iterator[_Attempt]:
+        """Runs a step of ours inside SGLang: an exception is counted and logged, and ``error`` of the
+        yielded record says what failed; it never reaches SGLang. During CUDA-graph capture it is
+        raised: a failure at start-up must stop SGLang, not leave it serving graphs that record nothing."""
+        attempt = _Attempt()
+        try:
+            yield attempt
+        except Exception as exc:  # noqa: BLE001 - counted, logged and reported in the descriptors
+            if _capturing_cuda_graph():
+                raise
+            attempt.error = self.failures.count(what, exc)
+
+    def _break(self, error: str) -> None:
+        if self.broken is None:
+            self.broken = f"routing recording in scheduler pid {os.getpid()} stopped (restart the server): {error}"
+            log.critical("routing-replay: %s", self.broken)
+
     # ---- inside the forward ---------------------------------------------------------------------
 
-    def run_forward(self, forward_batch: Any, run):
-        slots = forward_batch.out_cache_loc_virtual
-        if slots is None:
-            slots = forward_batch.out_cache_loc
-        if slots is None or slots.numel() == 0:
+    def run_forward(self, forward_batch: Any, run: Callable[[], Any]) -> Any:
+        """Runs SGLang's forward (``run``) recording its routing; SGLang's own exceptions propagate."""
+        forward = self._begin_forward(forward_batch)
+        if forward is None:
             return run()
-        tokens = slots.shape[0]
-        if tokens > self.staging.num_slots:
-            self._staging_for(tokens)  # eager forwards only: graph batches are bounded at capture
-        padded = forward_batch.num_token_non_padded
-        valid = padded if isinstance(padded, torch.Tensor) and padded.device == self.main.device else tokens
-        self.forward_context = _Forward(tokens, valid)
-        started = time.perf_counter()
+        self.forward_context = forward
         try:
-            result = run()
+            return run()
+        except BaseException:
+            forward.failed = True
+            raise
         finally:
             self.forward_context = None
-        scatter_start = time.perf_counter()
-        positions = self.positions[:tokens]
-        self.main.copy_rows_from(self.staging, positions, slots)
-        self.staging.reset(positions)
+            self._end_forward(forward)
+
+    def _begin_forward(self, forward_batch: Any) -> _Forward | None:
+        """The forward to record; None when there is nothing to record or preparing failed (its rows
+        then stay unrecorded: their slots are fresh, reset when last freed)."""
+        if self.broken:
+            return None
+        with self.attempt("preparing a forward"):
+            slots = forward_batch.out_cache_loc_virtual
+            if slots is None:
+                slots = forward_batch.out_cache_loc
+            if slots is None or slots.numel() == 0:
+                return None
+            tokens = slots.shape[0]
+            if tokens > self.staging.num_slots:
+                self._staging_for(tokens)  # eager forwards only: graph batches are bounded at capture
+            padded = forward_batch.num_token_non_padded
+            valid = padded if isinstance(padded, torch.Tensor) and padded.device == self.main.device else tokens
+            return _Forward(tokens, valid, slots, self.positions[:tokens], time.perf_counter())
+        return None
+
+    def _end_forward(self, forward: _Forward) -> None:
+        """Copies the staged rows to the forward's slots (or drops them all if any step failed), then
+        clears the staging."""
+        copy_started = time.perf_counter()
+        if not forward.failed:
+            with self.attempt("copying a forward's rows") as copying:
+                self.main.copy_rows_from(self.staging, forward.positions, forward.slots)
+            forward.failed = copying.error is not None
+        if forward.failed:
+            with self.attempt("dropping a failed forward's rows") as dropping:
+                self.main.reset(forward.slots)
+            if dropping.error:
+                self._break(dropping.error)  # part of a forward's rows would be delivered as whole
+        with self.attempt("clearing the staged rows") as clearing:
+            self.staging.reset(forward.positions)
+        if clearing.error:
+            self._break(clearing.error)  # this forward's rows would be copied as the next one's
         if self.profile_path:
-            done = time.perf_counter()
-            self.profile.forwards += 1
-            self.profile.forward_s += done - started
-            self.profile.scatter_s += done - scatter_start
-            if self.profile.forwards % 20 == 0:
-                self.profile.dump(self.profile_path)
-        return result
+            with self.attempt("writing the profile"):
+                done = time.perf_counter()
+                self.profile.forwards += 1
+                self.profile.forward_s += done - forward.started
+                self.profile.scatter_s += done - copy_started
+                if self.profile.forwards % 20 == 0:
+                    self.profile.dump(self.profile_path)
 
     def capture(self, layer_id: int | None, topk_ids: torch.Tensor) -> None:
         context = self.forward_context
-        if context is None:
-            if not _capturing_cuda_graph():
-                return  # not a forward of the target model (draft model, warm-up outside forwards)
-            # SGLang captures its CUDA graphs by calling the model directly, outside
-            # ModelRunner.forward: record every row into the graph; each replay's run_forward
-            # then copies only the forward's real rows, so padded rows never reach the recorder.
-            context = _Forward(topk_ids.shape[0], topk_ids.shape[0])
-        router = self.router_of_layer.get(layer_id)
-        if router is None:
-            raise RuntimeError(f"routing-replay: layer {layer_id} routed tokens but the model config "
-                               f"says its MoE layers are {sorted(self.router_of_layer)}")
-        rows = topk_ids.shape[0]
-        if rows > self.staging.num_slots:
-            raise RuntimeError(f"routing-replay: {rows} routed rows exceed the staging buffer of "
-                               f"{self.staging.num_slots} (forward of {context.tokens} tokens)")
-        started = time.perf_counter() if self.profile_path else 0.0
-        self.staging.record(router, self.positions[:rows], topk_ids, valid_rows=context.valid_rows)
-        if self.profile_path:
-            self.profile.capture_s += time.perf_counter() - started
+        if context is None and not _capturing_cuda_graph():
+            return  # not a forward of the target model (draft model, warm-up outside forwards)
+        if context is not None and context.failed:
+            return
+        with self.attempt("capturing a layer's routing") as capturing:
+            if context is None:
+                # SGLang captures its CUDA graphs by calling the model directly, outside
+                # ModelRunner.forward: record every row into the graph; each replay's run_forward
+                # then copies only the forward's real rows, so padded rows never reach the recorder.
+                context = _Forward(topk_ids.shape[0], topk_ids.shape[0])
+            router = self.router_of_layer.get(layer_id)
+            if router is None:
+                raise RuntimeError(f"routing-replay: layer {layer_id} routed tokens but the model config "
+                                   f"says its MoE layers are {sorted(self.router_of_layer)}")
+            rows = topk_ids.shape[0]
+            if rows > self.staging.num_slots:
+                raise RuntimeError(f"routing-replay: {rows} routed rows exceed the staging buffer of "
+                                   f"{self.staging.num_slots} (forward of {context.tokens} tokens)")
+            started = time.perf_counter() if self.profile_path else 0.0
+            self.staging.record(router, self.positions[:rows], topk_ids, valid_rows=context.valid_rows)
+            if self.profile_path:
+                self.profile.capture_s += time.perf_counter() - started
+        if capturing.error:
+            context.failed = True  # outside graph capture, so context is this forward's
 
     # ---- lifecycle --------------------------------------------------------------------------------
 
     def slots_freed(self, slots: torch.Tensor) -> None:
-        self.main.reset(slots)
+        with self.attempt("resetting freed slots") as resetting:
+            if slots.numel():
+                self.main.reset(slots)
+        if resetting.error:
+            self._drop_all_rows()  # the freed slots' rows would be delivered as their next owner's
+
+    def cache_cleared(self) -> None:
+        self._drop_all_rows()
 
     def weights_changed(self) -> None:
         """Rows computed by the previous weights must never be delivered as current."""
-        self.main.clear()
         self.weights_dropped += 1
+        self._drop_all_rows()
+
+    def _drop_all_rows(self) -> None:
+        with self.attempt("dropping every row") as dropping:
+            self.main.clear()
+        if dropping.error:
+            self._break(dropping.error)  # rows that must be gone would be delivered as current
 
     # ---- delivery ---------------------------------------------------------------------------------
 
-    def request_finished(self, req: Any, req_to_token: torch.Tensor, weight_version: str) -> None:
-        params = RoutingRequest.from_custom_params(getattr(req.sampling_params, "custom_params", None))
-        if params is None:
-            return
-        started = time.perf_counter()
-        tokens = list(req.origin_input_ids) + list(req.output_ids_through_stop)
-        start = min(params.start_len, max(len(tokens) - 1, 0))
-        slots = req_to_token[req.kv.req_pool_idx, start : len(tokens) - 1].to(torch.int64)
-        rows = self.main.gather(slots).wait()
-        self.descriptors[req.rid] = self._deliver(params, params.key or req.rid, rows, tokens, start, weight_version)
-        if self.profile_path:
-            self.profile.requests += 1
-            self.profile.gather_deliver_s += time.perf_counter() - started
-            self.profile.dump(self.profile_path)
+    def request_finished(self, req: Any, req_to_token_pool: Any, weight_version: Callable[[], str]) -> None:
+        """Gathers and delivers a finished request's rows. A failure becomes its descriptor."""
+        span: _Span | None = None
+        with self.attempt("delivering a request's routing") as delivering:
+            started = time.perf_counter()
+            params = _requested(req)
+            if params is None:
+                return
+            span = _Span.of(req, params)
+            if self.broken:
+                self.descriptors[req.rid] = self._failed(self.broken, span)
+                return
+            slots = req_to_token_pool.req_to_token[req.kv.req_pool_idx, span.start : span.start + span.rows]
+            rows = self.main.gather(slots.to(torch.int64)).wait()
+            self.descriptors[req.rid] = self._deliver(params, span, rows, weight_version())
+            if self.profile_path:
+                with self.attempt("writing the profile"):
+                    self.profile.requests += 1
+                    self.profile.gather_deliver_s += time.perf_counter() - started
+                    self.profile.dump(self.profile_path)
+        if delivering.error:
+            with self.attempt("reporting a failed delivery"):  # else descriptor_for says it had none
+                self.descriptors[req.rid] = self._failed(delivering.error, span)
+
+    def with_descriptors(self, info: dict, reqs: list) -> dict:
+        """SGLang's per-batch customized output ``info`` plus each request's descriptor entry."""
+        with self.attempt("attaching descriptors"):
+            return {**info, REQUEST_KEY: [self.descriptor_for(req) for req in reqs]}
+        return info
 
     def descriptor_for(self, req: Any) -> list:
         """The meta_info entry of a request: ``[descriptor]`` once it finished, else ``[]``."""
-        if not req.finished():
-            return []
-        descriptor = self.descriptors.pop(req.rid, None)
-        if descriptor is not None:
-            return [descriptor]
-        params = RoutingRequest.from_custom_params(getattr(req.sampling_params, "custom_params", None))
-        if params is None:
-            return []
-        return [{"delivery": "failed", "error": f"request finished without routing ({req.finished_reason})"}]
+        with self.attempt("looking up a request's descriptor") as looking_up:
+            if not req.finished():
+                return []
+            descriptor = self.descriptors.pop(req.rid, None)
+            if descriptor is not None:
+                return [descriptor]
+            if _requested(req) is None:
+                return []
+            return [self._failed(f"request finished without routing ({req.finished_reason})", None)]
+        return [self._failed(looking_up.error, None)]
 
-    def _deliver(self, params: RoutingRequest, key: str, rows: RoutingRows, tokens: list[int], start: int,
-                 weight_version: str) -> dict:
+    def _failed(self, error: str, span: _Span | None) -> dict:
+        """The descriptor of an undelivered request: every row it asked for is missing."""
+        descriptor: dict[str, Any] = {"delivery": "failed", "error": error, "scheduler_errors": self.failures.total}
+        if span is not None:
+            descriptor.update(key=span.key, rows=span.rows, start=span.start, num_tokens=len(span.tokens),
+                              missing=span.rows * self.layout.num_layers)
+        return descriptor
+
+    def _deliver(self, params: RoutingRequest, span: _Span, rows: RoutingRows, weight_version: str) -> dict:
         ids = rows.ids
         missing = int((~rows.valid).sum())
         mask = None if missing == 0 else rows.valid
@@ -208,30 +370,33 @@ class SchedulerRecording:
         if mask is not None:
             payload.append(memoryview(mask.numpy()).cast("B"))
         descriptor = {
-            "key": key, "rows": ids.shape[0], "start": start, "num_tokens": len(tokens),
+            "key": span.key, "rows": ids.shape[0], "start": span.start, "num_tokens": len(span.tokens),
             "layout": {"num_layers": self.layout.num_layers, "top_k": self.layout.top_k,
                        "num_experts": self.layout.num_experts, "dtype": wire_format.storage_dtype_name(self.layout.num_experts)},
-            "bytes": ids.nbytes, "checksum": wire_format.checksum(*payload), "token_hash": token_hash(tokens),
-            "weight_version": weight_version, "missing": missing,
+            "bytes": ids.nbytes, "checksum": wire_format.checksum(*payload), "token_hash": token_hash(span.tokens),
+            "weight_version": weight_version, "missing": missing, "scheduler_errors": self.failures.total,
         }
         if missing:
-            log.warning("routing-replay: %s has %d unrecorded (row, layer) positions", key, missing)
+            log.warning("routing-replay: %s has %d unrecorded (row, layer) positions", span.key, missing)
         if params.inline:
             descriptor["inline"] = base64.b64encode(payload[0]).decode()
             if mask is not None:
                 descriptor["inline_valid"] = base64.b64encode(payload[1]).decode()
         sink = params.sink or self.options.routing_sink
-        descriptor.update(self._send(key, ids, mask, tokens, start, weight_version, sink) if sink else
+        descriptor.update(self._send(span, ids, mask, weight_version, sink) if sink else
                           {"delivery": "inline" if params.inline else "none"})
         return descriptor
 
-    def _send(self, key: str, ids: torch.Tensor, mask: torch.Tensor | None, tokens: list[int], start: int,
-              weight_version: str, sink: str) -> dict:
+    def _send(self, span: _Span, ids: torch.Tensor, mask: torch.Tensor | None, weight_version: str,
+              sink: str) -> dict:
+        """Hands the rows to the sender. Its other exceptions (a dead sender thread, bad input) fail
+        the whole delivery in ``request_finished``."""
         if self.sender is None:
             return {"delivery": "not-this-rank"}
         if self.sender.reachable(sink) is False:
             return {"delivery": "failed", "sink": sink, "error": f"routing sink {sink} is unreachable"}
-        meta = RoutingMeta(key, self.layout.num_experts, len(tokens), token_hash(tokens), start, weight_version)
+        meta = RoutingMeta(span.key, self.layout.num_experts, len(span.tokens), token_hash(span.tokens), span.start,
+                           weight_version)
         try:
             self.sender.send(meta, ids, sink, valid=mask, block=False)
         except SenderFull as exc:
@@ -241,3 +406,7 @@ class SchedulerRecording:
     def close(self) -> None:
         if self.sender is not None:
             self.sender.close()
+
+
+def _requested(req: Any) -> RoutingRequest | None:
+    return RoutingRequest.from_custom_params(getattr(req.sampling_params, "custom_params", None))

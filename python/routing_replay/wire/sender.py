@@ -51,7 +51,9 @@ class DeliveryError(RuntimeError):
     """A sample will not reach its consumer; the message says why."""
 
 
-_ENDPOINT = re.compile(r"tcp://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>[0-9]{1,5})|ipc://[^\x00]{1,107}")
+_ENDPOINT = re.compile(r"tcp://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9_.-]{0,252}):(?P<port>[0-9]{1,5})"
+                       r"|ipc://(?P<path>[^\x00]+)")
+_MAX_IPC_PATH_BYTES = 107  # sun_path holds 108 bytes with the terminating NUL
 
 
 def check_endpoint(address: object) -> str:
@@ -60,9 +62,10 @@ def check_endpoint(address: object) -> str:
     if not isinstance(address, str):
         raise ValueError(f"a collector address must be a string like tcp://host:port, got {type(address).__name__}")
     match = _ENDPOINT.fullmatch(address)
-    if match is None or (match["port"] is not None and not 1 <= int(match["port"]) <= 65535):
+    if match is None or (match["port"] is not None and not 1 <= int(match["port"]) <= 65535) or \
+            (match["path"] is not None and len(match["path"].encode("utf-8", "surrogatepass")) > _MAX_IPC_PATH_BYTES):
         raise ValueError(f"{address[:200]!r} is not a collector address (tcp://HOST:PORT with PORT 1..65535, "
-                         "or ipc://PATH)")
+                         f"or ipc://PATH of at most {_MAX_IPC_PATH_BYTES} bytes)")
     return address
 
 
