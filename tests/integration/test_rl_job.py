@@ -2,7 +2,9 @@
 real megatron-core trainer rank with its collector thread, reward worker, weight sync.
 
 One job is shared by the tests in file order: a short run (R3, two mini-batches, checkpoints), an
-engine killed mid-rollout, then a resume from the last checkpoint that continues the curves.
+engine killed mid-rollout, a trainer rank's collector thread killed (the job stops at once), then a
+resume from the last checkpoint that continues the curves. Failures are triggered from observed
+state (a request in flight, a thread dead), never by a timer.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import threading
 import time
 
 import pytest
+import requests
 
 from routing_replay import config, run_log
-from routing_replay.orchestration import driver
+from routing_replay.orchestration import driver, engines
 
 # Each test may include the job's start-up (Ray actors, SGLang, megatron-core): minutes on 2 cores.
 pytestmark = pytest.mark.timeout(480)
@@ -51,6 +54,57 @@ def job(ray_local, run_dir):
     job.close()
 
 
+class KillWhenGenerating(threading.Thread):
+    """Kills an engine's SGLang server (its process group) as soon as the server reports a
+    generation request running, so the kill lands mid-rollout however slow the machine is. Gives
+    up at the deadline or when told the rollout is over."""
+
+    def __init__(self, url: str, pgid: int, timeout: float) -> None:
+        super().__init__(name="kill-when-generating", daemon=True)
+        self.url, self.pgid, self.timeout = url, pgid, timeout
+        self.rollout_over = threading.Event()
+        self.load_at_kill: dict | None = None
+        """The server's load report (SGLang's /v1/loads, core fields) that triggered the kill."""
+
+    def run(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline and not self.rollout_over.wait(0.05):
+            load = requests.get(f"{self.url}/v1/loads", params={"include": "core"}, timeout=10).json()["loads"][0]
+            if load["num_running_reqs"] > 0:
+                os.killpg(self.pgid, signal.SIGKILL)
+                self.load_at_kill = load
+                return
+
+
+def kill_collector_thread(trainer) -> str | None:
+    """Raises MemoryError inside a trainer rank's routing collector thread (as a failed allocation
+    there would); returns the thread's name once it has died, None if it survived."""
+
+    def inject(rank) -> str | None:
+        import ctypes
+
+        name = f"routing-collector-{rank.collector.epoch}"
+        thread = next(t for t in threading.enumerate() if t.name == name)
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(MemoryError))
+        thread.join(10)
+        return None if thread.is_alive() else name
+
+    import ray
+
+    return ray.get(trainer.__ray_call__.remote(inject))
+
+
+def test_an_engine_that_did_not_deliver_routing_counts_as_crashed():
+    failed = {"meta_info": {"routing_replay": [{"delivery": "failed", "error": "background thread 'x' died"}]}}
+    with pytest.raises(engines.EngineRoutingFailed,
+                       match=r"engine 1, request 's1-p0-g0': routing was not delivered: background thread 'x' died"):
+        engines.check_routing_delivered(1, "s1-p0-g0", failed)
+    with pytest.raises(engines.EngineRoutingFailed, match="plugin is not active"):
+        engines.check_routing_delivered(1, "s1-p0-g0", {"meta_info": {}})
+    assert issubclass(engines.EngineRoutingFailed, engines.EngineCrashed)  # EnginePool restarts the engine
+    engines.check_routing_delivered(1, "s1-p0-g0", {"meta_info": {"routing_replay": [{"delivery": "queued"}]}})
+
+
 def test_short_run_records_every_metric_with_full_replay(job, run_dir):
     job.run()
     records = run_log.read(run_dir)
@@ -79,14 +133,20 @@ def test_short_run_records_every_metric_with_full_replay(job, run_dir):
 
 def test_engine_killed_mid_rollout_is_restarted_and_the_step_completes(job, monkeypatch):
     pid = job.engines.call(0, "server_pid")
-    # Long responses (EOS ignored), so the kill lands while the engine is generating.
+    # Long responses (EOS ignored): SGLang reports a running request every 15 decode steps, and
+    # the rest of the 96 tokens are still to come when the kill lands.
     monkeypatch.setattr(job, "_sampling_params", lambda: {"max_new_tokens": 96, "temperature": 1.0,
                                                           "ignore_eos": True})
-    killer = threading.Timer(1.5, os.killpg, args=(pid, signal.SIGKILL))
+    killer = KillWhenGenerating(job.engines.call(0, "ready"), pid, timeout=240)
     killer.start()
     started = time.monotonic()
-    metrics = job.step(3)
-    killer.join()
+    try:
+        metrics = job.step(3)
+    finally:
+        killer.rollout_over.set()
+        killer.join()
+    assert killer.load_at_kill is not None, "the engine never reported a running request"
+    assert killer.load_at_kill["num_running_reqs"] > 0  # killed mid-generation
     assert job.engines.restarts == 1 and metrics["engine/restarts"] == 1
     assert job.engines.call(0, "server_pid") != pid
     assert metrics["time/rollout"] < time.monotonic() - started
@@ -94,6 +154,18 @@ def test_engine_killed_mid_rollout_is_restarted_and_the_step_completes(job, monk
     assert metrics["response_length/mean"] == 96
     job.run_log.log(3, metrics)
     job.checkpoint(3)
+
+
+def test_a_dead_collector_thread_stops_the_job_at_once(job):
+    thread = kill_collector_thread(job.trainers[0])
+    assert thread is not None, "the collector thread survived the injected MemoryError"
+    started = time.monotonic()
+    with pytest.raises(driver.JobError) as stopped:
+        job.step(4)
+    assert time.monotonic() - started < 10  # the health check, not the routing timeout
+    message = str(stopped.value)
+    assert message.startswith("trainer rank 0 cannot continue: ")
+    assert f"background thread {thread!r} died: MemoryError" in message
 
 
 def test_resume_continues_from_the_last_checkpoint(job, run_dir):

@@ -412,6 +412,7 @@ def test_reachability_is_known_after_a_heartbeat(collector):
             time.sleep(0.05)
         assert sender.reachable(collector.address) is True
         assert sender.reachable(nobody) is False
+        assert sender.never_answered(nobody) and not sender.never_answered(collector.address)
 
 
 def _kill_thread(owner, method: str) -> None:
@@ -476,6 +477,20 @@ def test_bad_destinations_are_refused_at_the_call_and_never_reach_the_thread(sen
     with pytest.raises(DeliveryError, match="cannot connect"):  # that delivery fails, the thread goes on
         refused.taken.result(timeout=10)
     sender.check()
+
+
+def test_a_dead_thread_error_crosses_processes_as_itself():
+    """Ray carries exceptions by pickling them: the trainer's error must reach the driver intact."""
+    import pickle
+
+    class Unpicklable(Exception):
+        def __init__(self, a, b):
+            super().__init__(a)
+
+    for cause in (MemoryError("injected"), Unpicklable("odd", 2)):
+        error = pickle.loads(pickle.dumps(BackgroundThreadDied("routing-collector-x", cause)))
+        assert isinstance(error, BackgroundThreadDied) and error.thread_name == "routing-collector-x"
+        assert "routing-collector-x" in str(error) and ("injected" in str(error) or "odd" in str(error))
 
 
 def _capture(into: list, call) -> None:

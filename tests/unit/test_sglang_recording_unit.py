@@ -132,7 +132,7 @@ def test_a_failed_delivery_is_the_requests_descriptor_with_every_row_missing(mon
 def test_a_dead_sender_thread_fails_the_delivery_naming_it():
     rec = recording()
     forward(rec, [0, 1, 2, 3], {1: IDS, 3: IDS})
-    rec.sender = SimpleNamespace(reachable=raising(BackgroundThreadDied("routing-sender", OSError("socket gone"))))
+    rec.sender = SimpleNamespace(never_answered=raising(BackgroundThreadDied("routing-sender", OSError("socket gone"))))
     descriptor = finish(rec, finished_request({"sink": "tcp://127.0.0.1:9"}))
     assert descriptor["delivery"] == "failed" and "BackgroundThreadDied" in descriptor["error"]
     assert "routing-sender" in descriptor["error"] and descriptor["missing"] == 8

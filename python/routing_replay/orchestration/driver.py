@@ -5,6 +5,9 @@ rank is chosen here, so SGLang sends its routing straight to that rank's collect
 responses per prompt, reward, group-normalise, pi_old, N mini-batch updates, weight sync, and a
 probe that proves the engines serve the trainer's weights. Everything else is set-up and
 bookkeeping: checkpoints, resume, metrics and clean shutdown.
+
+Failures: a crashed engine is restarted by ``EnginePool``; an engine that keeps failing, or a
+trainer rank whose routing collector thread died, stops the job with a ``JobError`` that says so.
 """
 
 from __future__ import annotations
@@ -22,13 +25,20 @@ import torch
 from routing_replay import config as job_config
 from routing_replay.orchestration.cluster import connect  # first: it configures Ray before ray is imported
 from routing_replay.orchestration import checkpoints as ckpt
-from routing_replay.orchestration.engines import EnginePool, EngineSpec, RolloutRequest
+from routing_replay.orchestration.engines import (
+    EnginePool,
+    EngineRestartsExhausted,
+    EngineSpec,
+    RolloutRequest,
+    remote_cause,
+)
 from routing_replay.orchestration.rewards import RewardWorker, score_all
 from routing_replay.orchestration.trainer import TrainerRank, TrainerSpec
 from routing_replay.rl.advantages import group_normalized
 from routing_replay.rl.corrections import Correction
 from routing_replay.rl.objective import Clip
 from routing_replay.rl.rollout_batch import Sample, split
+from routing_replay.wire.worker import BackgroundThreadDied
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +98,8 @@ class Job:
     # ---- the step ------------------------------------------------------------------------------
 
     def step(self, step: int) -> dict[str, float]:
-        cfg, G, ray = self.cfg, self.cfg.rollout.group_size, self._ray
+        cfg, G = self.cfg, self.cfg.rollout.group_size
+        self._check_trainers()
         times, started = {}, time.perf_counter()
         records = random.Random(f"{cfg.run.seed}-prompts-{step}").sample(self.prompts, cfg.rollout.prompts_per_step)
         n, ranks = len(records) * G, len(self.trainers)
@@ -98,9 +109,12 @@ class Job:
         requests = [RolloutRequest(f"s{step}-p{i // G}-g{i % G}", prompt_ids[i // G], self._sampling_params(),
                                    self.routing_sinks[rank_of[i]] if cfg.train.replay == "R3" else None)
                     for i in range(n)]
-        results, abandoned = self.engines.generate(requests)
+        try:
+            results, abandoned = self.engines.generate(requests)
+        except EngineRestartsExhausted as exc:
+            raise JobError(f"step {step}: {exc}") from exc
         if abandoned:
-            ray.get([t.discard_routing.remote(abandoned) for t in self.trainers])
+            self._on_trainers([t.discard_routing.remote(abandoned) for t in self.trainers])
         stale = {r.weight_version for r in results} - {self.version}
         if stale:
             raise JobError(f"step {step}: engines sampled with weight version(s) {stale}, expected {self.version}")
@@ -113,8 +127,8 @@ class Job:
         samples = [Sample(r.key, prompt_ids[i // G], r.response_ids, r.logprobs, float(rewards[i]), float(advantages[i]))
                    for i, r in enumerate(results)]
         shares = [[samples[order[p]] for p in positions] for positions in split(n, ranks)]
-        old = _mean_over_ranks(ray.get([t.old_logprobs.remote(s) for t, s in zip(self.trainers, shares)]))
-        update = _mean_over_ranks(ray.get([t.update.remote(s) for t, s in zip(self.trainers, shares)]))
+        old = _mean_over_ranks(self._on_trainers([t.old_logprobs.remote(s) for t, s in zip(self.trainers, shares)]))
+        update = _mean_over_ranks(self._on_trainers([t.update.remote(s) for t, s in zip(self.trainers, shares)]))
         sync_started = time.perf_counter()
         probe_diff = self._sync_weights(f"step-{step}", samples[0].token_ids)
         times["time/weight_sync"] = time.perf_counter() - sync_started
@@ -124,6 +138,26 @@ class Job:
                 "response_length/mean": sum(len(s.response_ids) for s in samples) / n, **old, **update, **times,
                 "throughput/tokens_per_s": tokens / times["time/step"], "sync/probe_max_abs_diff": probe_diff,
                 "engine/restarts": float(self.engines.restarts)}
+
+    def _check_trainers(self) -> None:
+        """Stops the job if a trainer rank's collector thread died: the routing of a rollout
+        could not reach it (cheap: one call per rank)."""
+        self._on_trainers([t.health.remote() for t in self.trainers])
+
+    def _on_trainers(self, futures: list) -> list:
+        """The results of one call per trainer rank, in rank order, each handled as it arrives: a
+        rank whose background thread died stops the job at once, naming the rank, the thread and
+        its cause (the other ranks may be blocked in a collective, waiting for that rank)."""
+        results: list = [None] * len(futures)
+        pending = {future: rank for rank, future in enumerate(futures)}
+        while pending:
+            ready, _ = self._ray.wait(list(pending), num_returns=1)
+            rank = pending.pop(ready[0])
+            try:
+                results[rank] = self._ray.get(ready[0])
+            except BackgroundThreadDied as exc:  # raised in the actor: a RayTaskError that is also one
+                raise JobError(f"trainer rank {rank} cannot continue: {remote_cause(exc)}") from exc
+        return results
 
     def run(self) -> Path:
         from tqdm import tqdm
@@ -196,7 +230,8 @@ class Job:
                         for i in range(cfg.rollout.engines)]
         distributed = cfg.rollout.weight_sync == "distributed"
         self.engines = EnginePool(engine_specs, max_restarts=cfg.run.max_engine_restarts,
-                                  on_restart=self._rejoin_weight_group if distributed else None)
+                                  on_restart=self._rejoin_weight_group if distributed else None,
+                                  before_restart=self._check_trainers)
         if distributed:
             self.weight_meta = ray.get([t.weight_metadata.remote() for t in self.trainers])[0]
             self._form_weight_group()

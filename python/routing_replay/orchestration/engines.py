@@ -2,9 +2,10 @@
 
 ``RolloutEngine`` owns one server process (its own process group, killed with the actor), keeps
 the path of the weights it serves so a restart serves the same policy, and turns a dead server
-into ``EngineCrashed``. ``EnginePool`` spreads requests over the engines; when one crashes (the
-server or the actor) it restarts it, resends that engine's requests under new keys (so routing
-of the abandoned attempt can never be mistaken for the new one) and reports the abandoned keys.
+into ``EngineCrashed`` (and a response whose routing was not delivered into ``EngineRoutingFailed``).
+``EnginePool`` spreads requests over the engines; when one crashes (the server or the actor) it
+restarts it, resends that engine's requests under new keys (so routing of the abandoned attempt
+can never be mistaken for the new one) and reports the abandoned keys.
 """
 
 from __future__ import annotations
@@ -22,6 +23,16 @@ log = logging.getLogger(__name__)
 
 class EngineCrashed(RuntimeError):
     """The SGLang server behind an engine died or stopped answering."""
+
+
+class EngineRoutingFailed(EngineCrashed):
+    """The server answered but did not deliver the routing it was asked for (its sender thread
+    died, or the recording hook failed): the trainer would wait for it in vain, so the engine is
+    restarted like a crashed one."""
+
+
+class EngineRestartsExhausted(RuntimeError):
+    """An engine kept failing after ``max_restarts`` restarts in one rollout."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +108,8 @@ class RolloutEngine:
             params["custom_params"] = routing_params(key=request.key, sink=request.routing_sink)
         body = {"input_ids": list(request.input_ids), "return_logprob": True, "sampling_params": params}
         out = self._post("/generate", body)
+        if request.routing_sink is not None:
+            check_routing_delivered(self.spec.index, request.key, out)
         entries = out["meta_info"]["output_token_logprobs"]
         return RolloutResult(request.key, tuple(out["output_ids"]), tuple(float(e[0]) for e in entries),
                              str(out["meta_info"].get("weight_version", "")))
@@ -166,9 +179,12 @@ class EnginePool:
     """The driver's view of N engine actors."""
 
     def __init__(self, specs: list[EngineSpec], max_restarts: int = 3,
-                 on_restart: Callable[[], None] | None = None) -> None:
+                 on_restart: Callable[[], None] | None = None,
+                 before_restart: Callable[[], None] | None = None) -> None:
         """``on_restart`` runs after an engine restarts, before its requests are resent (e.g. to
-        bring it the current weights)."""
+        bring it the current weights). ``before_restart`` runs when an engine failed, before it is
+        restarted; raising stops the rollout (e.g. when the collectors the routing goes to are dead,
+        a restart cannot help)."""
         import ray
 
         self._ray = ray
@@ -179,6 +195,7 @@ class EnginePool:
         ray.get([engine.ready.remote() for engine in self.engines])
         self.restarts = 0
         self.on_restart = on_restart
+        self.before_restart = before_restart
         self._latest_weights: tuple[str, str] | None = None
 
     def generate(self, batch: list[RolloutRequest]) -> tuple[list[RolloutResult], list[str]]:
@@ -193,11 +210,15 @@ class EnginePool:
                 try:
                     results[i] = self._ray.get(future)
                 except Exception as exc:  # noqa: BLE001 - EngineCrashed arrives wrapped in a RayTaskError
+                    cause = remote_cause(exc)
                     attempts[i] += 1
                     if attempts[i] > self.max_restarts:
-                        raise RuntimeError(f"engine {i} failed {attempts[i]} times; last error: {exc}") from exc
-                    log.warning("engine %d crashed mid-rollout (%s); restarting and resending %d request(s)",
-                                i, type(exc).__name__, len(shares[i]))
+                        raise EngineRestartsExhausted(f"engine {i} failed {attempts[i]} times in one rollout; "
+                                                      f"last error: {type(cause).__name__}: {cause}") from exc
+                    if self.before_restart is not None:
+                        self.before_restart()
+                    log.warning("engine %d failed mid-rollout (%s: %s); restarting it and resending %d request(s)",
+                                i, type(cause).__name__, cause, len(shares[i]))
                     self._restart(i)
                     abandoned += [r.key for r in shares[i]]
                     shares[i] = [replace(r, key=f"{r.key}~{attempts[i]}") for r in shares[i]]
@@ -255,3 +276,25 @@ class EnginePool:
             except Exception:  # noqa: BLE001 - stopping a dead actor is fine; kill it regardless
                 pass
             self._ray.kill(engine, no_restart=True)
+
+
+def check_routing_delivered(engine: int, key: str, response: dict) -> None:
+    """Raises EngineRoutingFailed unless the ``/generate`` response of a request that asked for
+    routing says it was sent; logs rows sent incomplete (the trainer replays what was recorded)."""
+    from routing_replay.sglang.client import RoutingNotReturned, routing_descriptor
+
+    try:
+        descriptor = routing_descriptor(response)
+    except RoutingNotReturned as exc:
+        raise EngineRoutingFailed(f"engine {engine}, request {key!r}: {exc}") from None
+    if descriptor.get("missing"):
+        log.warning("engine %d: the routing of %r lacks %d (token, layer) position(s)", engine, key,
+                    descriptor["missing"])
+
+
+def remote_cause(exc: BaseException) -> BaseException:
+    """The exception raised inside a Ray task or actor method: ``ray.get`` raises it wrapped in a
+    RayTaskError, whose text is a whole traceback."""
+    from ray.exceptions import RayTaskError
+
+    return exc.cause if isinstance(exc, RayTaskError) else exc

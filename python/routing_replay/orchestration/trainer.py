@@ -102,6 +102,11 @@ class TrainerRank:
     def discard_routing(self, keys: list[str]) -> int:
         return self.collector.discard(keys)
 
+    def health(self) -> None:
+        """Raises BackgroundThreadDied if this rank's routing collector thread has died: without
+        it the rank cannot receive the routing of the coming rollouts."""
+        self.collector.check()
+
     # ---- supervised warm start --------------------------------------------------------------------
 
     def sft(self, batches: Sequence[Sequence[tuple[Sequence[int], Sequence[int]]]], learning_rate: float) -> list[float]:

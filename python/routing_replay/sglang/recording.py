@@ -393,8 +393,9 @@ class SchedulerRecording:
         the whole delivery in ``request_finished``."""
         if self.sender is None:
             return {"delivery": "not-this-rank"}
-        if self.sender.reachable(sink) is False:
-            return {"delivery": "failed", "sink": sink, "error": f"routing sink {sink} is unreachable"}
+        if self.sender.never_answered(sink):  # a busy collector that answered before is still sent to
+            return {"delivery": "failed", "sink": sink, "error": f"routing sink {sink} is unreachable "
+                    "(it never answered a heartbeat)"}
         meta = RoutingMeta(span.key, self.layout.num_experts, len(span.tokens), token_hash(span.tokens), span.start,
                            weight_version)
         try:

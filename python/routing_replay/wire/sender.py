@@ -236,6 +236,15 @@ class RoutingSender:
             return False
         return None
 
+    def never_answered(self, destination: str) -> bool:
+        """True when the collector has not answered a single heartbeat in the three heartbeats since
+        first contact: a wrong or dead address. One that answered before and is only slow now (a busy
+        trainer) is not: what is sent to it is delivered once it reads again."""
+        self._worker.check()
+        dest = self._destinations.get(destination)
+        return dest is not None and dest.last_pong is None and \
+            time.monotonic() - dest.created > 3 * self.config.heartbeat_s
+
     @property
     def queued_bytes(self) -> int:
         return self._queued_bytes

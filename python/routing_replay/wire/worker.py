@@ -10,6 +10,7 @@ it within its wait's next wake-up instead of running into its timeout.
 from __future__ import annotations
 
 import logging
+import pickle
 import threading
 import traceback
 from collections.abc import Callable
@@ -24,6 +25,20 @@ class BackgroundThreadDied(RuntimeError):
         super().__init__(f"background thread {thread_name!r} died: {type(cause).__name__}: {cause}")
         self.thread_name = thread_name
         self.cause = cause
+
+    def __reduce__(self):
+        # Ray carries exceptions between processes by pickling them (its transport, not a socket of
+        # ours): rebuilt from both arguments, so the driver sees this class, not an opaque wrapper.
+        return type(self), (self.thread_name, _portable(self.cause))
+
+
+def _portable(cause: BaseException) -> BaseException:
+    """``cause`` if it can be rebuilt in another process, else a RuntimeError with its text."""
+    try:
+        pickle.loads(pickle.dumps(cause))
+    except Exception:  # noqa: BLE001 - any exception type may refuse to be pickled, in its own way
+        return RuntimeError(f"{type(cause).__name__}: {cause}")
+    return cause
 
 
 class WorkerThread:
