@@ -54,7 +54,9 @@ def main() -> None:
     ray.init(num_cpus=2, object_store_memory=256 << 20, include_dashboard=False, _node_ip_address="127.0.0.1",
              logging_level="ERROR")
     run_dir = Path(tempfile.mkdtemp(prefix="rl-step-bench-"))
-    with concurrent.futures.ThreadPoolExecutor(len(MODES)) as pool:  # start-ups overlap
+    # Full runs overlap the three start-ups; the smoke run (CI) starts them one by one, since three
+    # SGLang servers starting at once on 2 busy cores can miss SGLang's own start-up timeouts.
+    with concurrent.futures.ThreadPoolExecutor(1 if args.smoke else len(MODES)) as pool:
         started = {mode: pool.submit(driver.Job, job_config(base, mode, run_dir, args.smoke),
                                      driver.Options(progress=False)) for mode in MODES}
     jobs = {mode: future.result() for mode, future in started.items()}
