@@ -31,6 +31,7 @@ MODES = ("none", "R2", "R3")
 def job_config(base: config.JobConfig, mode: str, run_dir: Path, smoke: bool) -> config.JobConfig:
     raw = base.model_dump(mode="json")
     raw["train"]["replay"] = mode
+    raw["train"]["paired_diagnostics"] = False  # what replay costs, not the diagnostics (an extra forward)
     raw["task"]["sft_warmup_steps"] = 0
     raw["run"].update(output_dir=str(run_dir / mode), checkpoint_every=0)
     if smoke:

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Annotated, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 from pydantic_core import ErrorDetails
 from yaml.constructor import ConstructorError
 
@@ -44,11 +45,67 @@ class Architecture(_Section):
     """Layers with a router (default: all)."""
 
 
+TinyKind = Literal["qwen3_moe", "qwen2_moe", "mixtral"]
+
+
+class TinyModel(_Section):
+    """The shape of a tiny random checkpoint built at start-up (``tiny_models.build_from_config``).
+    Attention is fixed: 4 heads, 2 key-value heads, head size hidden/4; a 512-token vocabulary."""
+
+    kind: TinyKind
+    layers: int = Field(default=2, ge=1)
+    hidden: int = Field(default=64, ge=8, multiple_of=8)
+    """Hidden size; a multiple of 8 so that the 4 heads have an even size (rotary embeddings)."""
+    experts: int = Field(default=8, ge=1)
+    top_k: int = Field(default=2, ge=1)
+    """Experts per token; at most ``experts``."""
+    moe_intermediate_size: int | None = Field(default=None, ge=1)
+    """Each expert's intermediate size (default: hidden/2 for Qwen, hidden for Mixtral)."""
+    shared_expert: int | None = Field(default=None, ge=1)
+    """qwen2_moe only: its shared expert's intermediate size (default: hidden). Qwen2-MoE always has
+    one; the other kinds have none."""
+    seed: int | None = None
+    """Seed of the random weights (default: run.seed)."""
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_within_experts(cls, top_k: int, info: ValidationInfo) -> int:
+        experts = info.data.get("experts")
+        if experts is not None and top_k > experts:
+            raise ValueError(f"top_k={top_k} must be at most experts={experts}")
+        return top_k
+
+    @field_validator("shared_expert")
+    @classmethod
+    def _shared_expert_of_qwen2(cls, size: int | None, info: ValidationInfo) -> int | None:
+        kind = info.data.get("kind")
+        if size is not None and kind is not None and kind != "qwen2_moe":
+            raise ValueError(f"only qwen2_moe has a shared expert, not {kind}")
+        return size
+
+    def architecture(self) -> Architecture:
+        from routing_replay import tiny_models
+
+        return Architecture(**tiny_models.architecture_fields(
+            self.kind, layers=self.layers, hidden=self.hidden, experts=self.experts, top_k=self.top_k,
+            moe_intermediate_size=self.moe_intermediate_size))
+
+
+def _tiny_kind_or_shape(value: object) -> object:
+    # ``tiny: qwen3_moe`` is the kind with its default shape; one error for anything else.
+    if isinstance(value, str):
+        return {"kind": value}
+    if value is None or isinstance(value, dict):
+        return value
+    raise ValueError(f"must be a kind ({', '.join(get_args(TinyKind))}) or a mapping, got {_yaml_kind(value)}")
+
+
 class ModelSection(_Section):
     path: str | None = None
     """Hugging Face checkpoint directory (local). Exactly one of path and tiny."""
-    tiny: Literal["qwen3_moe", "qwen2_moe", "mixtral"] | None = None
-    """Build a tiny random checkpoint of this kind at start-up (CPU default, no hub)."""
+    tiny: Annotated[TinyModel | None, BeforeValidator(_tiny_kind_or_shape)] = None
+    """Build a tiny random checkpoint at start-up (CPU default, no hub): a kind (qwen3_moe, qwen2_moe,
+    mixtral) with the default shape, or a ``TinyModel`` mapping (kind, layers, hidden, experts, ...)."""
     architecture: Architecture | None = None
     """Required with path for the dry run when the checkpoint is not on this machine."""
     rollout_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
@@ -111,6 +168,13 @@ class TrainSection(_Section):
     grad_clip: float = Field(default=1.0, gt=0)
     replay: Literal["none", "R2", "R3"] = "R3"
     correction: CorrectionSection = CorrectionSection()
+    min_replay_coverage: float = Field(default=1.0, ge=0.0, le=1.0)
+    """R3: the least share of a batch's loss tokens whose rollout routing arrived; a batch below it is
+    refused (a token without its routing would be trained on the trainer's own routing)."""
+    paired_diagnostics: bool = True
+    """Score pi_old twice, under the trainer's own routing and under the rollout's, in every replay mode
+    (the ``paired/*`` metrics: what routing flips contribute to the mismatch). SGLang then records
+    routing even without R3; turn off for speed."""
 
 
 def _scalar(value: object) -> object:
@@ -339,6 +403,12 @@ def validate_job(cfg: JobConfig, arch: Architecture) -> list[str]:
     if samples % (t.mini_batches * p.data):
         problems.append(f"rollout.prompts_per_step x rollout.group_size = {samples} samples must split into "
                         f"train.mini_batches={t.mini_batches} x train.parallel.data={p.data}")
+    else:
+        share = samples // (t.mini_batches * p.data)
+        if share % t.micro_batch_size and t.micro_batch_size < share:
+            problems.append(f"train.micro_batch_size={t.micro_batch_size} must divide the {share} samples of a "
+                            "mini-batch per data-parallel rank (rollout.prompts_per_step x rollout.group_size / "
+                            "(train.mini_batches x train.parallel.data)) or be at least that many")
     from routing_replay.tasks import load_reward
 
     try:
@@ -386,17 +456,12 @@ def memory_estimate(cfg: JobConfig, arch: Architecture, kv_slots_per_engine: int
             "routing_recorder_gib_per_engine": recorder / 2**30}
 
 
-# The architecture tiny_models.build writes with its defaults (the CPU default job).
-TINY_ARCHITECTURE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                         num_experts=8, top_k=2, moe_intermediate_size=32, vocab_size=512)
-
-
 def architecture_of(cfg: JobConfig) -> Architecture:
-    """From the config's architecture block, the tiny model's defaults, or the local checkpoint."""
+    """From the config's architecture block, the tiny model's shape, or the local checkpoint."""
     if cfg.model.architecture is not None:
         return cfg.model.architecture
     if cfg.model.tiny is not None:
-        return Architecture(**TINY_ARCHITECTURE)
+        return cfg.model.tiny.architecture()
     config_json = Path(cfg.model.path) / "config.json"
     try:
         hf = json.loads(config_json.read_text(encoding="utf-8"))

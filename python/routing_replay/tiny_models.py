@@ -1,20 +1,32 @@
 """Tiny random MoE checkpoints with a locally trained tokenizer: no model hub needed.
 
-Used by the tests, the demos and the CPU default of the RL job. ``build(kind, out_dir)`` writes a
-Hugging Face checkpoint (config, safetensors, tokenizer) that SGLang and transformers load. Kinds:
-``qwen3_moe``, ``qwen2_moe`` (with its shared expert), ``mixtral``, and ``glm4_moe`` (its first
-``dense_layers`` layers are plain MLPs, ``first_k_dense_replace``: a model with fewer routers than
-layers that SGLang serves; SGLang's Qwen MoE models ignore ``mlp_only_layers``).
+Used by the tests, the demos and the RL job's tiny models. ``build(kind, out_dir)`` writes a
+Hugging Face checkpoint (config, safetensors, tokenizer) that SGLang and transformers load;
+``build_from_config`` does so for a job's ``model.tiny`` section. Kinds: ``qwen3_moe``,
+``qwen2_moe`` (with its shared expert), ``mixtral``, and ``glm4_moe`` (its first ``dense_layers``
+layers are plain MLPs, ``first_k_dense_replace``: a model with fewer routers than layers that SGLang
+serves; SGLang's Qwen MoE models ignore ``mlp_only_layers``).
+
+torch is imported where a model is made, so that a configuration's dry run can read the shapes
+(``architecture_fields``) without it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+    from routing_replay.config import TinyModel
 
 KINDS = ("qwen3_moe", "qwen2_moe", "mixtral", "glm4_moe")
+ATTENTION_HEADS = 4
+KEY_VALUE_HEADS = 2
+TOKENIZER_VOCAB_SIZE = 512
+"""What the tokenizer's training asks for: an upper bound (the small corpus yields fewer tokens)."""
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog. ",
     "Hello world! Mixture of experts models route every token to a few experts.",
@@ -24,7 +36,7 @@ _CORPUS = [
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def build_tokenizer(out_dir: Path, vocab_size: int = 512):
+def build_tokenizer(out_dir: Path, vocab_size: int = TOKENIZER_VOCAB_SIZE):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -43,52 +55,89 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 512):
     return hf_tok
 
 
+def default_moe_intermediate_size(kind: str, hidden: int) -> int:
+    """Each expert's intermediate size unless one is given: Mixtral's experts are its MLPs."""
+    return hidden if kind == "mixtral" else hidden // 2
+
+
+def architecture_fields(kind: str, *, layers: int = 2, hidden: int = 64, experts: int = 8, top_k: int = 2,
+                        moe_intermediate_size: int | None = None) -> dict[str, int]:
+    """``config.Architecture``'s fields for a model ``make_model`` builds with these arguments."""
+    return dict(num_layers=layers, hidden_size=hidden, num_attention_heads=ATTENTION_HEADS,
+                num_key_value_heads=KEY_VALUE_HEADS, head_dim=hidden // ATTENTION_HEADS, num_experts=experts,
+                top_k=top_k, moe_intermediate_size=moe_intermediate_size or default_moe_intermediate_size(kind, hidden),
+                vocab_size=TOKENIZER_VOCAB_SIZE)
+
+
+def build_from_config(tiny: TinyModel, out_dir: str | Path, seed: int) -> Path:
+    """Writes the checkpoint of a job's ``model.tiny`` section; ``seed`` (run.seed) unless it sets one."""
+    return build(tiny.kind, out_dir, layers=tiny.layers, hidden=tiny.hidden, experts=tiny.experts, top_k=tiny.top_k,
+                 moe_intermediate_size=tiny.moe_intermediate_size, shared_expert_size=tiny.shared_expert,
+                 seed=seed if tiny.seed is None else tiny.seed)
+
+
 def build(kind: str, out_dir: str | Path, *, layers: int = 2, hidden: int = 64, experts: int = 8, top_k: int = 2,
-          dense_layers: Sequence[int] = (), seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
-    """Writes a random ``kind`` checkpoint with a locally trained tokenizer to ``out_dir``."""
+          moe_intermediate_size: int | None = None, shared_expert_size: int | None = None,
+          dense_layers: Sequence[int] = (), seed: int = 0, dtype: torch.dtype | None = None) -> Path:
+    """Writes a random ``kind`` checkpoint with a locally trained tokenizer to ``out_dir`` (weights in
+    ``dtype``, default float32)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(out)
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     model = make_model(kind, len(tokenizer), eos_id=eos, layers=layers, hidden=hidden, experts=experts, top_k=top_k,
+                       moe_intermediate_size=moe_intermediate_size, shared_expert_size=shared_expert_size,
                        dense_layers=dense_layers, seed=seed)
-    model.to(dtype).save_pretrained(out)
+    if dtype is not None:
+        model.to(dtype)
+    model.save_pretrained(out)
     return out
 
 
 def make_model(kind: str, vocab_size: int, *, eos_id: int = 0, layers: int = 2, hidden: int = 64, experts: int = 8,
-               top_k: int = 2, dense_layers: Sequence[int] = (), seed: int = 0):
-    """A random ``kind`` model in memory (float32), for callers that need no checkpoint on disk."""
+               top_k: int = 2, moe_intermediate_size: int | None = None, shared_expert_size: int | None = None,
+               dense_layers: Sequence[int] = (), seed: int = 0):
+    """A random ``kind`` model in memory (float32), for callers that need no checkpoint on disk.
+
+    ``moe_intermediate_size``: each expert's (default ``default_moe_intermediate_size``);
+    ``shared_expert_size``: qwen2_moe's shared expert's intermediate size (default ``hidden``).
+    """
+    import torch
     import transformers
 
     if kind not in KINDS:
         raise ValueError(f"unknown tiny model kind {kind!r}; choose from {KINDS}")
-    common = dict(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False,
-                  bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id, num_experts_per_tok=top_k)
+    if shared_expert_size is not None and kind != "qwen2_moe":
+        raise ValueError(f"only qwen2_moe has a sized shared expert, not {kind}")
+    expert_size = moe_intermediate_size or default_moe_intermediate_size(kind, hidden)
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                  num_attention_heads=ATTENTION_HEADS, num_key_value_heads=KEY_VALUE_HEADS,
+                  max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=eos_id, eos_token_id=eos_id,
+                  pad_token_id=eos_id, num_experts_per_tok=top_k)
     if kind == "qwen3_moe":
-        config = transformers.Qwen3MoeConfig(**common, head_dim=hidden // 4, intermediate_size=2 * hidden,
-                                             moe_intermediate_size=hidden // 2, num_experts=experts,
+        config = transformers.Qwen3MoeConfig(**common, head_dim=hidden // ATTENTION_HEADS, intermediate_size=2 * hidden,
+                                             moe_intermediate_size=expert_size, num_experts=experts,
                                              norm_topk_prob=True, mlp_only_layers=list(dense_layers))
         model_cls = transformers.Qwen3MoeForCausalLM
     elif kind == "qwen2_moe":
-        config = transformers.Qwen2MoeConfig(**common, intermediate_size=2 * hidden, moe_intermediate_size=hidden // 2,
-                                             shared_expert_intermediate_size=hidden, num_experts=experts,
-                                             norm_topk_prob=False, mlp_only_layers=list(dense_layers))
+        config = transformers.Qwen2MoeConfig(**common, intermediate_size=2 * hidden, moe_intermediate_size=expert_size,
+                                             shared_expert_intermediate_size=shared_expert_size or hidden,
+                                             num_experts=experts, norm_topk_prob=False,
+                                             mlp_only_layers=list(dense_layers))
         model_cls = transformers.Qwen2MoeForCausalLM
     elif kind == "glm4_moe":
         if list(dense_layers) != list(range(len(dense_layers))):
             raise ValueError("glm4_moe makes its first k layers dense: dense_layers must be 0..k-1")
         # One expert group and no score bias: its sigmoid router then picks the top-k logits.
-        config = transformers.Glm4MoeConfig(**common, head_dim=hidden // 4, intermediate_size=2 * hidden,
-                                            moe_intermediate_size=hidden // 2, n_routed_experts=experts,
+        config = transformers.Glm4MoeConfig(**common, head_dim=hidden // ATTENTION_HEADS, intermediate_size=2 * hidden,
+                                            moe_intermediate_size=expert_size, n_routed_experts=experts,
                                             n_shared_experts=1, n_group=1, topk_group=1, norm_topk_prob=True,
                                             first_k_dense_replace=len(dense_layers))
         model_cls = transformers.Glm4MoeForCausalLM
     else:
         if dense_layers:
             raise ValueError("mixtral routes every layer: dense_layers is not supported")
-        config = transformers.MixtralConfig(**common, intermediate_size=hidden, num_local_experts=experts)
+        config = transformers.MixtralConfig(**common, intermediate_size=expert_size, num_local_experts=experts)
         model_cls = transformers.MixtralForCausalLM
     torch.manual_seed(seed)
     return model_cls(config).float()

@@ -118,9 +118,18 @@ def test_short_run_records_every_metric_with_full_replay(job, run_dir):
                      "time/update", "time/weight_sync", "throughput/tokens_per_s"):
             assert name in record, name
         for mb in ("mb0", "mb1"):  # both factors and the clip and correction statistics per mini-batch index
-            for name in ("mismatch/{}/mean_abs", "staleness/{}/mean_abs", "staleness/{}/k3", "clip_fraction/{}",
-                         "correction/{}/weight_mean", "loss/{}"):
+            for name in ("mismatch/{}/mean_abs", "staleness/{}/mean_abs", "staleness/{}/k3", "staleness/{}/p99",
+                         "staleness/{}/outside_clip", "ratio/{}/k3", "clip_fraction/{}", "correction/{}/weight_mean",
+                         "loss/{}", "replay/agreement/{}"):
                 assert name.format(mb) in record
+        # paired on the same tokens: the trainer's own routing and the rollout's
+        for name in ("paired/own/k3", "paired/rollout/k3", "paired/own/p99", "paired/flip_share",
+                     "paired/flip_share/layer0", "paired/tokens_flipped_share", "paired/rollout/unflipped/k3"):
+            assert name in record, name
+        assert record["paired/flip_share"] == 0  # float32 on both sides: no routing flips...
+        assert record["paired/own/mean_abs"] < 1e-4 and record["paired/rollout/mean_abs"] < 1e-4  # ...no mismatch
+        assert record["replay/agreement/mb0"] == 1.0  # mini-batch 0 replays what the model chooses itself
+        assert record["routing/missing"] == 0
         assert record["routing/coverage"] == 1.0  # every loss-relevant token replayed, in every layer
         assert record["routing/tokens_differing"] == 0  # float32 on both sides: the trainer routes as SGLang did
         assert record["mismatch/mean_abs"] < 1e-4

@@ -74,7 +74,7 @@ def test_one_rl_step_with_r3_and_a_verified_weight_sync(tiny_models, routing_col
         indices, masks = rollout_indices_from_wire([routing[k] for k in keys], batch.tokens.shape[1])
         with torch.no_grad(), replay.replaying(indices, masks):
             old = score(model, batch).logprobs
-        mismatch = metrics.ratio_stats(old - mu, response)
+        mismatch = metrics.RatioStats.from_log_ratio(old - mu, response).summary()
         assert mismatch["mean_abs"] < 1e-4  # same weights, float32 on both sides, same routing
 
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)

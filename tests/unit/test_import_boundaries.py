@@ -50,7 +50,8 @@ def test_sglang_package_never_imports_megatron_or_ray():
 
 def test_rl_algorithm_imports_only_torch():
     modules = ("routing_replay.rl.advantages, routing_replay.rl.corrections, routing_replay.rl.objective, "
-               "routing_replay.rl.metrics, routing_replay.rl.minibatch, routing_replay.rl.rollout_batch")
+               "routing_replay.rl.metrics, routing_replay.rl.minibatch, routing_replay.rl.rollout_batch, "
+               "routing_replay.rl.identity, routing_replay.rl.step_stats")
     result = import_with_blocked(modules, BLOCKED)
     assert result.returncode == 0, result.stderr
 

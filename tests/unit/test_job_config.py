@@ -45,6 +45,23 @@ def write(tmp_path, text: str) -> Path:
         ("model:\n  architecture: {moe_layers: 0}\n  path: /x\n",
          "model.architecture.moe_layers: Input should be greater than or equal to 1"),
         ("- 1\n", "the top level must be a mapping"),
+        ("model: {tiny: {kind: qwen3_moe, experts: 4, top_k: 8}}\n",
+         "model.tiny.top_k: Value error, top_k=8 must be at most experts=4"),
+        ("model: {tiny: {kind: qwen3_moe, shared_expert: 32}}\n",
+         "model.tiny.shared_expert: Value error, only qwen2_moe has a shared expert, not qwen3_moe"),
+        ("model: {tiny: {kind: qwen2_moe, hidden: 60}}\n", "model.tiny.hidden: Input should be a multiple of 8"),
+        ("model: {tiny: {kind: mixtral, layers: 0}}\n",
+         "model.tiny.layers: Input should be greater than or equal to 1"),
+        ("model: {tiny: {kind: qwen3_moe, dense_layers: [0]}}\n",
+         "model.tiny.dense_layers: unknown key; allowed: kind"),
+        ("model: {tiny: {layers: 4}}\n", "model.tiny.kind: Field required"),
+        ("model: {tiny: glm4_moe}\n", "model.tiny.kind: Input should be 'qwen3_moe', 'qwen2_moe' or 'mixtral'"),
+        ("model: {tiny: 3}\n", "model.tiny: Value error, must be a kind (qwen3_moe, qwen2_moe, mixtral) or a mapping, "
+         "got an integer"),
+        ("model: {tiny: qwen3_moe}\ntrain: {min_replay_coverage: 1.5}\n",
+         "train.min_replay_coverage: Input should be less than or equal to 1"),
+        ("model: {tiny: qwen3_moe}\ntrain: {paired_diagnostics: 1}\n",
+         "train.paired_diagnostics: Input should be a valid boolean"),
     ],
 )
 def test_bad_values_name_the_field(tmp_path, text, message):
@@ -63,12 +80,44 @@ def test_bad_values_name_the_field(tmp_path, text, message):
         ("task: {reward: 'nowhere.module:fn'}", "task.reward"),
         ("train: {parallel: {tensor: 2}}", "train.parallel.tensor=2: the RL trainer supports data and expert"),
         ("train: {parallel: {expert: 4, data: 2}}", "train.parallel.expert must divide data x tensor x context"),
+        ("rollout: {prompts_per_step: 4, group_size: 4}\ntrain: {mini_batches: 2, micro_batch_size: 3}",
+         "train.micro_batch_size=3 must divide the 8 samples of a mini-batch per data-parallel rank"),
+        ("rollout: {prompts_per_step: 8, group_size: 4}\ntrain: {mini_batches: 2, micro_batch_size: 3, "
+         "parallel: {data: 2}}", "train.micro_batch_size=3 must divide the 8 samples"),
     ],
 )
 def test_cross_field_problems_are_reported(tmp_path, text, problem):
     cfg = config.load(write(tmp_path, "model: {tiny: qwen3_moe}\n" + text + "\n"))
     problems = config.validate_job(cfg, config.architecture_of(cfg))
     assert any(problem in p for p in problems), problems
+
+
+@pytest.mark.parametrize("micro_batch_size", [1, 2, 4, 8, 9, 64])
+def test_a_micro_batch_that_divides_the_mini_batch_share_or_exceeds_it_is_valid(tmp_path, micro_batch_size):
+    text = ("rollout: {prompts_per_step: 4, group_size: 4}\n"
+            f"train: {{mini_batches: 2, micro_batch_size: {micro_batch_size}}}")
+    cfg = config.load(write(tmp_path, "model: {tiny: qwen3_moe}\n" + text + "\n"))
+    assert config.validate_job(cfg, config.architecture_of(cfg)) == []
+
+
+def test_replay_coverage_and_paired_diagnostics_default_to_strict_and_on(tmp_path):
+    train = config.load(write(tmp_path, "model: {tiny: qwen3_moe}\n")).train
+    assert (train.min_replay_coverage, train.paired_diagnostics) == (1.0, True)
+    train = config.load(write(tmp_path, "model: {tiny: qwen3_moe}\ntrain: {min_replay_coverage: 0.9, "
+                                        "paired_diagnostics: false}\n")).train
+    assert (train.min_replay_coverage, train.paired_diagnostics) == (0.9, False)
+
+
+def test_a_tiny_shape_gives_the_architecture_of_the_dry_run(tmp_path):
+    cfg = config.load(write(tmp_path, "model:\n  tiny: {kind: qwen2_moe, layers: 4, hidden: 32, experts: 16, top_k: 4, "
+                                      "moe_intermediate_size: 24, shared_expert: 48, seed: 3}\n"))
+    arch = config.architecture_of(cfg)
+    assert (arch.num_layers, arch.hidden_size, arch.head_dim, arch.num_experts, arch.top_k,
+            arch.moe_intermediate_size) == (4, 32, 8, 16, 4, 24)
+    assert config.validate_job(cfg, arch) == []
+    problems = config.validate_job(cfg.model_copy(update={"train": cfg.train.model_copy(update={
+        "parallel": config.ParallelSection(expert=3, data=3)})}), arch)
+    assert any("train.parallel.expert=3 must divide the 16 experts" in p for p in problems), problems
 
 
 def test_dry_run_exits_2_and_prints_the_problem(tmp_path):

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from routing_replay.rl import advantages, corrections, metrics, objective
+from routing_replay.rl import advantages, corrections, identity, objective
+from routing_replay.rl.minibatch import loss_and_metrics
 
 
 def test_group_normalised_advantages_against_a_loop():
@@ -68,11 +69,11 @@ def test_clipping_by_hand():
     positive = objective.token_loss(logp_theta, logp_old, weights, torch.tensor([1.0]), mask, clip)
     # A > 0: min(s, clip(s)) = [0.5, 0.9, 1.1, 1.2]
     assert positive.loss.item() == pytest.approx(-(0.5 + 0.9 + 1.1 + 1.2) / 4)
-    assert positive.clip_fraction.item() == 0.25
+    assert positive.clipped.tolist() == [[False, False, False, True]]
     negative = objective.token_loss(logp_theta, logp_old, weights, torch.tensor([-1.0]), mask, clip)
     # A < 0: min(-s, -clip(s)) = [-0.8, -0.9, -1.1, -1.5]
     assert negative.loss.item() == pytest.approx((0.8 + 0.9 + 1.1 + 1.5) / 4)
-    assert negative.clip_fraction.item() == 0.25
+    assert negative.clipped.tolist() == [[True, False, False, False]]
 
 
 def test_objective_is_the_seeds_factorisation_without_correction_or_clipping():
@@ -87,44 +88,38 @@ def test_objective_is_the_seeds_factorisation_without_correction_or_clipping():
     assert terms.loss.item() == pytest.approx(direct.item(), rel=1e-5)
 
 
-def _policy_logps(theta: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """A toy policy: per-position logits theta [T, V]; log-probs of the given tokens [B, T]."""
-    return torch.log_softmax(theta, -1)[torch.arange(tokens.shape[1]), tokens]
+@pytest.mark.parametrize("mode", corrections.MODES)
+@pytest.mark.parametrize("level", corrections.LEVELS)
+@pytest.mark.parametrize("summed_log_rho", [90.0, 1000.0])
+def test_huge_mismatch_gives_a_finite_loss_and_gradient(mode, level, summed_log_rho):
+    """exp(90) overflows float32 and padding holds junk: weights stay finite (capped), padding never
+    reaches an exp, the loss and its gradient are finite."""
+    log_rho = torch.tensor([[summed_log_rho / 2, summed_log_rho / 2, math.inf],
+                            [summed_log_rho, 0.1, math.nan],
+                            [-summed_log_rho, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    logp_old = torch.zeros(3, 3)
+    logp_theta = torch.tensor([[0.1, -0.1, 1000.0], [0.0, 0.2, -1000.0], [0.1, 0.0, 0.0]]).requires_grad_()
+    correction = corrections.Correction(mode, level, upper=2.0, lower=0.5)
+    weights = corrections.weights(log_rho, mask, correction)
+    assert torch.isfinite(weights).all() and weights.max() <= math.exp(corrections.MAX_LOG_WEIGHT) * 1.0001
+    loss, stats = loss_and_metrics(logp_theta, logp_old, logp_old - log_rho, torch.tensor([1.0, -2.0, 0.5]), mask,
+                                   objective.Clip(), correction)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logp_theta.grad).all()
+    assert (logp_theta.grad[~mask] == 0).all()
+    # beyond the cap (44.4): rows 0 and 1 at every level but row 1's second token (0.1) at token level
+    assert stats.capped_tokens == {"token": 3, "sequence": 4, "geometric": 4}[level]
 
 
-def test_token_level_gradient_equals_sequence_level_to_first_order():
-    """Eq. 6-7: grad sum_t r_t A = grad prod_t r_t A when every ratio is 1, and they differ only at
-    second order in the policy change."""
-    gen = torch.Generator().manual_seed(1)
-    theta_old = torch.randn(6, 10, generator=gen)
-    tokens = torch.randint(0, 10, (4, 6), generator=gen)
-    adv = torch.tensor([1.0, -1.0, 0.5, 2.0])
-    logp_old = _policy_logps(theta_old, tokens).detach()
-
-    def grads(delta: float):
-        direction = torch.randn(6, 10, generator=torch.Generator().manual_seed(2))
-        out = []
-        for sequence_level in (False, True):
-            theta = (theta_old + delta * direction).requires_grad_()
-            log_ratio = _policy_logps(theta, tokens) - logp_old
-            value = (log_ratio.sum(1).exp() * adv).sum() if sequence_level else (log_ratio.exp() * adv[:, None]).sum()
-            value.backward()
-            out.append(theta.grad)
-        return out
-
-    token_grad, sequence_grad = grads(0.0)
-    assert torch.allclose(token_grad, sequence_grad, atol=1e-6)
-    gaps = [(lambda g: (g[0] - g[1]).norm().item())(grads(d)) for d in (1e-2, 1e-3)]
-    assert gaps[1] < gaps[0] / 5  # shrinks with the step: first-order agreement
-
-
-def test_ratio_statistics_by_hand():
-    log_ratio = torch.log(torch.tensor([[1.0, 2.5, 0.1, 6.0]]))
-    stats = metrics.ratio_stats(log_ratio, torch.tensor([[1, 1, 1, 0]]))
-    values = [1.0, 2.5, 0.1]
-    assert stats["mean_abs"] == pytest.approx(sum(abs(math.log(v)) for v in values) / 3, rel=1e-5)
-    assert stats["k3"] == pytest.approx(sum(v - math.log(v) - 1 for v in values) / 3, rel=1e-5)
-    assert stats["beyond_2"] == pytest.approx(2 / 3)  # 2.5 and 0.1 (= 1/10)
-    assert stats["beyond_5"] == pytest.approx(1 / 3)  # 0.1; 6.0 is masked out
-    with pytest.raises(ValueError, match="no valid tokens"):
-        metrics.ratio_stats(log_ratio, torch.zeros(1, 4))
+def test_token_level_gradient_equals_sequence_level_at_ratio_one_and_parts_as_ratios_grow():
+    """Eq. 6-7: grad mean_i A_i sum_t r_it = grad mean_i A_i prod_t r_it at r = 1; the gap is first
+    order in the policy's distance from the behaviour policy."""
+    points = identity.token_vs_sequence_gradients([0.0, 1e-3, 1e-2, 1.0])
+    at_one, nearest, near, far = points
+    assert at_one.mean_abs_log_ratio == 0.0
+    assert at_one.cosine == pytest.approx(1.0, abs=1e-12) and at_one.relative_norm < 1e-12
+    assert nearest.relative_norm < near.relative_norm / 5 and near.relative_norm < 0.05
+    assert near.cosine > 0.999
+    assert far.mean_abs_log_ratio > 0.5 and far.cosine < 0.8 and far.relative_norm > 0.5
+    assert [p.mean_abs_log_ratio for p in points] == sorted(p.mean_abs_log_ratio for p in points)

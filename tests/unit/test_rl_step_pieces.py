@@ -10,6 +10,7 @@ import torch
 from routing_replay.orchestration.checkpoints import Checkpoints, RunState
 from routing_replay.rl import corrections, objective
 from routing_replay.rl.minibatch import loss_and_metrics
+from routing_replay.rl.metrics import mini_batch_metrics
 from routing_replay.rl.rollout_batch import Sample, response_tensors, split
 from routing_replay.tasks import load_prompts
 
@@ -39,16 +40,18 @@ def test_mini_batch_loss_and_metrics_by_hand():
     old = torch.log(torch.tensor([[0.5, 0.2, 0.9]]))
     rollout = torch.log(torch.tensor([[0.25, 0.2, 0.1]]))  # rho = 2, 1 (and a padded 9)
     theta = torch.log(torch.tensor([[0.6, 0.2, 0.9]])).requires_grad_()  # staleness 1.2, 1
-    loss, stats = loss_and_metrics(theta, old, rollout, torch.tensor([1.0]), mask, objective.Clip(0.1, 0.1),
-                                   corrections.Correction("truncate", "token", upper=1.5))
+    loss, mini = loss_and_metrics(theta, old, rollout, torch.tensor([1.0]), mask, objective.Clip(0.1, 0.1),
+                                  corrections.Correction("truncate", "token", upper=1.5))
+    stats = mini_batch_metrics(0, mini)
     # token 0: w = min(2, 1.5) = 1.5, s = 1.2 clipped to 1.1 (A > 0) -> 1.65; token 1: w = 1, s = 1 -> 1
     assert float(loss.detach()) == pytest.approx(-(1.5 * 1.1 + 1.0) / 2)
-    assert stats["clip_fraction"] == pytest.approx(0.5)
-    assert stats["correction/weight_mean"] == pytest.approx(1.25)
-    assert stats["correction/changed"] == pytest.approx(0.5)  # token 0 was truncated
-    assert stats["mismatch/mean_abs"] == pytest.approx(math.log(2) / 2)
-    assert stats["staleness/mean_abs"] == pytest.approx(math.log(1.2) / 2, rel=1e-5)
-    assert stats["mismatch/beyond_2"] == 0.0  # |log 2| is not beyond log 2
+    assert stats["clip_fraction/mb0"] == pytest.approx(0.5)
+    assert stats["correction/mb0/weight_mean"] == pytest.approx(1.25)
+    assert stats["correction/mb0/changed"] == pytest.approx(0.5)  # token 0 was truncated
+    assert stats["mismatch/mb0/mean_abs"] == pytest.approx(math.log(2) / 2)
+    assert stats["staleness/mb0/mean_abs"] == pytest.approx(math.log(1.2) / 2, rel=1e-5)
+    assert stats["mismatch/mb0/beyond_2"] == 0.0  # |log 2| is not beyond log 2
+    assert stats["staleness/mb0/outside_clip"] == pytest.approx(0.5)  # 1.2 is outside [0.9, 1.1]
     loss.backward()
     assert theta.grad[0, 0] == 0 and theta.grad[0, 1] != 0  # the clipped token passes no gradient
 

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
+from routing_replay.megatron.paired import same_sets
+
 
 class ReplayVerificationError(RuntimeError):
     """The routing the model actually used differs from the routing it was told to replay."""
@@ -47,6 +49,10 @@ class ReplayReport:
     """Fraction of routed tokens that were replayed (the rest used the model's own routing)."""
     tokens_differing: int
     """Tokens whose own top-k set differs from the replayed one in at least one layer."""
+    agreeing: list[int]
+    """Per layer: replayed tokens whose own top-k set equals the replayed set."""
+    replayed: list[int]
+    """Per layer: replayed tokens (the denominator of ``agreement``)."""
 
 
 @dataclass
@@ -115,13 +121,15 @@ class ModelReplay:
         """Metrics of the last replayed forward."""
         if any(f is None for f in self._last):
             raise RuntimeError("no replayed forward to report on")
-        agreement, differing, replayed, total = [], None, 0, 0
+        agreement, agreeing, counts, differing, replayed, total = [], [], [], None, 0, 0
         for forward in self._last:
-            same = _same_sets(forward.own, forward.chosen) | ~forward.mask
+            same = same_sets(forward.own, forward.chosen) | ~forward.mask
             replayed, total = int(forward.mask.sum()), forward.mask.numel()
-            agreement.append(float(same[forward.mask].float().mean()) if replayed else 1.0)
+            agreeing.append(int(same[forward.mask].sum()))
+            counts.append(replayed)
+            agreement.append(agreeing[-1] / replayed if replayed else 1.0)
             differing = ~same if differing is None else differing | ~same
-        return ReplayReport(agreement, replayed / max(total, 1), int(differing.sum()))
+        return ReplayReport(agreement, replayed / max(total, 1), int(differing.sum()), agreeing, counts)
 
     # ---- inside the router -----------------------------------------------------------------------
 
@@ -183,10 +191,6 @@ class ModelReplay:
                                               "replayed tokens were routed differently than replayed")
 
         return verify
-
-
-def _same_sets(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a.sort(-1).values == b.sort(-1).values).all(-1)
 
 
 def rollout_to_router_indices(rows: Sequence[torch.Tensor], starts: Sequence[int], seq_len: int,

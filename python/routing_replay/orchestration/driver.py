@@ -33,11 +33,12 @@ from routing_replay.orchestration.engines import (
     remote_cause,
 )
 from routing_replay.orchestration.rewards import RewardWorker, score_all
-from routing_replay.orchestration.trainer import TrainerRank, TrainerSpec
+from routing_replay.orchestration.trainer import ReplayCoverageError, TrainerRank, TrainerSpec
 from routing_replay.rl.advantages import group_normalized
 from routing_replay.rl.corrections import Correction
 from routing_replay.rl.objective import Clip
 from routing_replay.rl.rollout_batch import Sample, split
+from routing_replay.rl.step_stats import merged, paired_ratios
 from routing_replay.wire.worker import BackgroundThreadDied
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ class Job:
         rank_of = {i: position * ranks // n for position, i in enumerate(order)}
         prompt_ids = [tuple(self.tokenizer(r["prompt"]).input_ids) for r in records]
         requests = [RolloutRequest(f"s{step}-p{i // G}-g{i % G}", prompt_ids[i // G], self._sampling_params(),
-                                   self.routing_sinks[rank_of[i]] if cfg.train.replay == "R3" else None)
+                                   self.routing_sinks[rank_of[i]] if _records_routing(cfg) else None)
                     for i in range(n)]
         try:
             results, abandoned = self.engines.generate(requests)
@@ -127,15 +128,18 @@ class Job:
         samples = [Sample(r.key, prompt_ids[i // G], r.response_ids, r.logprobs, float(rewards[i]), float(advantages[i]))
                    for i, r in enumerate(results)]
         shares = [[samples[order[p]] for p in positions] for positions in split(n, ranks)]
-        old = _mean_over_ranks(self._on_trainers([t.old_logprobs.remote(s) for t, s in zip(self.trainers, shares)]))
-        update = _mean_over_ranks(self._on_trainers([t.update.remote(s) for t, s in zip(self.trainers, shares)]))
+        old = merged(self._on_trainers([t.old_logprobs.remote(s) for t, s in zip(self.trainers, shares)]))
+        update = merged(self._on_trainers([t.update.remote(s) for t, s in zip(self.trainers, shares)]))
+        trained = {**old.flat(), **update.flat()}
+        trained.update(paired_ratios(trained))
         sync_started = time.perf_counter()
         probe_diff = self._sync_weights(f"step-{step}", samples[0].token_ids)
         times["time/weight_sync"] = time.perf_counter() - sync_started
         times["time/step"] = time.perf_counter() - started
         tokens = sum(len(s.token_ids) for s in samples)
         return {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std(unbiased=False)),
-                "response_length/mean": sum(len(s.response_ids) for s in samples) / n, **old, **update, **times,
+                "response_length/mean": sum(len(s.response_ids) for s in samples) / n, **trained, **times,
+                "routing/missing": float(sum(r.routing_missing for r in results)),
                 "throughput/tokens_per_s": tokens / times["time/step"], "sync/probe_max_abs_diff": probe_diff,
                 "engine/restarts": float(self.engines.restarts)}
 
@@ -155,7 +159,7 @@ class Job:
             rank = pending.pop(ready[0])
             try:
                 results[rank] = self._ray.get(ready[0])
-            except BackgroundThreadDied as exc:  # raised in the actor: a RayTaskError that is also one
+            except (BackgroundThreadDied, ReplayCoverageError) as exc:  # a RayTaskError that is also one
                 raise JobError(f"trainer rank {rank} cannot continue: {remote_cause(exc)}") from exc
         return results
 
@@ -196,11 +200,11 @@ class Job:
     def _initial_model(self) -> str:
         if self.cfg.model.path is not None:
             return self.cfg.model.path
-        from routing_replay.tiny_models import build
+        from routing_replay.tiny_models import build_from_config
 
         path = self.run_dir / "initial-model"
         if not (path / "config.json").exists():
-            build(self.cfg.model.tiny, path, seed=self.cfg.run.seed)
+            build_from_config(self.cfg.model.tiny, path, seed=self.cfg.run.seed)
         return str(path)
 
     def _start_actors(self, ray, resume_dir: Path | None) -> None:
@@ -219,12 +223,13 @@ class Job:
                              clip=Clip(cfg.train.clip_low, cfg.train.clip_high),
                              correction=Correction(**cfg.train.correction.model_dump()), grad_clip=cfg.train.grad_clip,
                              temperature=cfg.rollout.temperature, train_dtype=cfg.model.train_dtype, seed=cfg.run.seed,
-                             routing_bind=bind)
+                             routing_bind=bind, paired_diagnostics=cfg.train.paired_diagnostics,
+                             min_replay_coverage=cfg.train.min_replay_coverage)
                  for r in range(world)]
         resume = str(resume_dir) if resume_dir else None
         self.routing_sinks = ray.get([t.setup.remote(s, address, resume) for t, s in zip(self.trainers, specs)])
         engine_specs = [EngineSpec(i, self.weights, str(self.run_dir / "logs"), tuple(cfg.rollout.sglang_args),
-                                   cfg.model.rollout_dtype, record_routing=cfg.train.replay == "R3",
+                                   cfg.model.rollout_dtype, record_routing=_records_routing(cfg),
                                    weight_version=self.version, gpus=cfg.rollout.gpus_per_engine if cfg.run.gpus else 0,
                                    tp_size=_tp_size(cfg.rollout.sglang_args))
                         for i in range(cfg.rollout.engines)]
@@ -384,13 +389,9 @@ def split_count(total: int, chunk: int) -> list[int]:
     return [min(chunk, total - start) for start in range(0, total, chunk)]
 
 
-def _mean_over_ranks(per_rank: list[dict[str, float]]) -> dict[str, float]:
-    """Data-parallel ranks' metrics: times are the slowest rank's, everything else the mean."""
-    out = {}
-    for name in per_rank[0]:
-        values = [metrics[name] for metrics in per_rank]
-        out[name] = max(values) if name.startswith("time/") else sum(values) / len(values)
-    return out
+def _records_routing(cfg: job_config.JobConfig) -> bool:
+    """SGLang records and sends routing for R3's replay and for the paired diagnostics."""
+    return cfg.train.replay == "R3" or cfg.train.paired_diagnostics
 
 
 def _digest(cfg: job_config.JobConfig) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,6 +30,18 @@ class EngineRoutingFailed(EngineCrashed):
     """The server answered but did not deliver the routing it was asked for (its sender thread
     died, or the recording hook failed): the trainer would wait for it in vain, so the engine is
     restarted like a crashed one."""
+
+
+class EngineConfigError(RuntimeError):
+    """The engine would produce rollouts the objective cannot use; it refuses to start."""
+
+
+class EngineResponseError(RuntimeError):
+    """A response does not line up with what was asked (log-probs of other tokens)."""
+
+
+# SGLang returns log-probs of the unscaled logits (not the sampling distribution) when this is set.
+ORIGINAL_LOGPROB_ENV = "SGLANG_RETURN_ORIGINAL_LOGPROB"
 
 
 class EngineRestartsExhausted(RuntimeError):
@@ -67,6 +80,8 @@ class RolloutResult:
     response_ids: tuple[int, ...]
     logprobs: tuple[float, ...]
     weight_version: str
+    routing_missing: int = 0
+    """(token, layer) positions the engine did not record (0 when no routing was asked for)."""
 
 
 class RolloutEngine:
@@ -81,6 +96,10 @@ class RolloutEngine:
 
     def _start(self):
         from routing_replay.sglang.server import SGLangServer
+
+        if os.environ.get(ORIGINAL_LOGPROB_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+            raise EngineConfigError(f"{ORIGINAL_LOGPROB_ENV} is set: SGLang would return log-probs before "
+                                    "temperature, so mu_old would not be the sampling distribution; unset it")
 
         args = ["--dtype", self.spec.dtype, "--weight-version", self.weight_version, *self.spec.sglang_args]
         if self.spec.record_routing:
@@ -108,11 +127,10 @@ class RolloutEngine:
             params["custom_params"] = routing_params(key=request.key, sink=request.routing_sink)
         body = {"input_ids": list(request.input_ids), "return_logprob": True, "sampling_params": params}
         out = self._post("/generate", body)
-        if request.routing_sink is not None:
-            check_routing_delivered(self.spec.index, request.key, out)
-        entries = out["meta_info"]["output_token_logprobs"]
-        return RolloutResult(request.key, tuple(out["output_ids"]), tuple(float(e[0]) for e in entries),
-                             str(out["meta_info"].get("weight_version", "")))
+        missing = 0 if request.routing_sink is None else check_routing_delivered(self.spec.index, request.key, out)
+        logprobs = response_logprobs(self.spec.index, request.key, out)
+        return RolloutResult(request.key, tuple(out["output_ids"]), logprobs,
+                             str(out["meta_info"].get("weight_version", "")), missing)
 
     def score(self, token_ids: list[int], temperature: float = 1.0) -> list[float]:
         """The engine's log-prob of every token after the first (the weight-sync probe)."""
@@ -278,18 +296,35 @@ class EnginePool:
             self._ray.kill(engine, no_restart=True)
 
 
-def check_routing_delivered(engine: int, key: str, response: dict) -> None:
+def response_logprobs(engine: int, key: str, response: dict) -> tuple[float, ...]:
+    """mu_old of each response token, checked entry by entry against the output ids (SGLang's
+    entries are ``[logprob, token_id, text]``): a shifted or truncated list would silently pair
+    log-probs with the wrong tokens."""
+    output_ids = response["output_ids"]
+    entries = response["meta_info"]["output_token_logprobs"]
+    if len(entries) != len(output_ids):
+        raise EngineResponseError(f"engine {engine}, request {key!r}: {len(entries)} log-probs for "
+                                  f"{len(output_ids)} output tokens")
+    for position, (entry, token) in enumerate(zip(entries, output_ids)):
+        if entry[1] != token:
+            raise EngineResponseError(f"engine {engine}, request {key!r}: the log-prob at position {position} is "
+                                      f"of token {entry[1]}, the output has {token}")
+    return tuple(float(entry[0]) for entry in entries)
+
+
+def check_routing_delivered(engine: int, key: str, response: dict) -> int:
     """Raises EngineRoutingFailed unless the ``/generate`` response of a request that asked for
-    routing says it was sent; logs rows sent incomplete (the trainer replays what was recorded)."""
+    routing says it was sent; returns (and logs) the (token, layer) positions it lacks."""
     from routing_replay.sglang.client import RoutingNotReturned, routing_descriptor
 
     try:
         descriptor = routing_descriptor(response)
     except RoutingNotReturned as exc:
         raise EngineRoutingFailed(f"engine {engine}, request {key!r}: {exc}") from None
-    if descriptor.get("missing"):
-        log.warning("engine %d: the routing of %r lacks %d (token, layer) position(s)", engine, key,
-                    descriptor["missing"])
+    missing = int(descriptor.get("missing") or 0)
+    if missing:
+        log.warning("engine %d: the routing of %r lacks %d (token, layer) position(s)", engine, key, missing)
+    return missing
 
 
 def remote_cause(exc: BaseException) -> BaseException:

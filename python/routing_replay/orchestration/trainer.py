@@ -14,19 +14,20 @@ the loss normalised by the mini-batch's token count over all data-parallel ranks
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from routing_replay.megatron.paired import routing_flips, same_sets
 from routing_replay.rl.corrections import Correction
+from routing_replay.rl.metrics import MiniBatchStats
 from routing_replay.rl.minibatch import loss_and_metrics
 from routing_replay.rl.objective import Clip
 from routing_replay.rl.rollout_batch import Sample, response_tensors, split
+from routing_replay.rl.step_stats import StepStats
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,10 @@ class TrainerSpec:
     train_dtype: str = "float32"
     seed: int = 0
     routing_timeout: float = 120.0
+    paired_diagnostics: bool = True
+    """Score pi_old under both the trainer's own and the rollout's routing, in every replay mode."""
+    min_replay_coverage: float = 1.0
+    """R3 refuses a micro-batch whose rollout routing covers less of its loss positions."""
     routing_bind: str = "tcp://127.0.0.1:*"
     """The collector's endpoint: loopback, or this node's address when engines run on other hosts."""
 
@@ -133,46 +138,37 @@ class TrainerRank:
 
     # ---- the RL step --------------------------------------------------------------------------------
 
-    def old_logprobs(self, samples: Sequence[Sample]) -> dict[str, float]:
-        """pi_old over this rank's samples (kept for the update); metrics of the mismatch and the routing."""
+    def old_logprobs(self, samples: Sequence[Sample]) -> StepStats:
+        """pi_old over this rank's samples (kept for the update), in the update's micro-batches (so
+        mini-batch 0 starts exactly on-policy); statistics of the mismatch and of the routing.
+
+        The objective's pi_old is scored under the rollout's routing (R3) or the trainer's own (R2
+        records it for the update, ``none`` for the replay-agreement metric). With
+        ``paired_diagnostics`` both are scored on the same tokens in every mode: ``paired/own/*``
+        and ``paired/rollout/*``, split by whether a routing flip can reach the scored token."""
         started = time.perf_counter()
+        stats = StepStats()
         routing_seconds = 0.0
-        if self.spec.replay == "R3":
-            keys = [s.key for s in samples]
-            self._routing = self.collector.take(keys, timeout=self.spec.routing_timeout,
+        if self._wants_rollout_routing():
+            self._routing = self.collector.take([s.key for s in samples], timeout=self.spec.routing_timeout,
                                                 token_ids={s.key: s.token_ids for s in samples})
             routing_seconds = time.perf_counter() - started
         self._old.clear()
         self.recorded.clear()
-        reports, entropy, mismatch = [], [], []
         with torch.no_grad():
-            for micro in self._micro_batches(samples):
-                batch, mask, mu = self._tensors(micro)
-                scores, report = self._forward(micro, batch, record=self.spec.replay == "R2")
-                for row, sample in enumerate(micro):  # trimmed: the update batches samples differently
-                    self._old[sample.key] = scores.logprobs[row, : len(sample.token_ids) - 1]
-                entropy.append(scores.entropy[mask])
-                mismatch.append((scores.logprobs - mu)[mask])
-                if report is not None:
-                    reports.append(report)
-        from routing_replay.rl.metrics import ratio_stats
+            for micro in self._update_micro_batches(samples):
+                self._score_old(micro, stats)
+        stats.maxima["time/routing_take"] = routing_seconds
+        stats.maxima["time/old_logprob"] = time.perf_counter() - started - routing_seconds
+        return stats
 
-        log_rho = torch.cat(mismatch)
-        out = {f"mismatch/{k}": v for k, v in ratio_stats(log_rho, torch.ones_like(log_rho, dtype=torch.bool)).items()}
-        out["entropy"] = float(torch.cat(entropy).mean())
-        out.update(_routing_metrics(reports))
-        out["time/routing_take"] = routing_seconds
-        out["time/old_logprob"] = time.perf_counter() - started - routing_seconds
-        return out
-
-    def update(self, samples: Sequence[Sample]) -> dict[str, float]:
-        """N mini-batches of the token-level objective; metrics per mini-batch index ``mb{i}``."""
+    def update(self, samples: Sequence[Sample]) -> StepStats:
+        """N mini-batches of the token-level objective; statistics per mini-batch index, and how
+        much of the routing held fixed the current model still chooses itself."""
         started = time.perf_counter()
-        out: dict[str, float] = {}
-        for index, share in enumerate(split(len(samples), self.spec.mini_batches)):
-            mini = [samples[i] for i in share]
+        stats = StepStats()
+        for index, mini in enumerate(self._mini_batches(samples)):
             tokens = self._global_count(sum(len(s.response_ids) for s in mini))
-            sums: dict[str, list[float]] = defaultdict(list)
             self.optimizer.zero_grad(set_to_none=True)
             for micro in self._micro_batches(mini):
                 batch, mask, mu = self._tensors(micro)
@@ -180,19 +176,17 @@ class TrainerRank:
                 for row, sample in enumerate(micro):
                     old[row, : len(sample.token_ids) - 1] = self._old[sample.key]
                 adv = torch.tensor([s.advantage for s in micro], dtype=torch.float32)
-                scores, _ = self._forward(micro, batch, backward=lambda s: loss_and_metrics(
-                    s.logprobs, old, mu, adv, mask, self.spec.clip, self.spec.correction, tokens))
-                for name, value in scores.items():
-                    sums[name].append(value)
+                mini_stats, agreeing, compared = self._update_forward(micro, batch, lambda scores: loss_and_metrics(
+                    scores.logprobs, old, mu, adv, mask, self.spec.clip, self.spec.correction, tokens))
+                stats.add_mini_batch(index, mini_stats)
+                stats.add_share(f"replay/agreement/mb{index}", agreeing, compared)
             self._reduce_gradients()
-            grad_norm = self._clip_gradients()
+            stats.maxima[f"grad_norm/mb{index}"] = self._clip_gradients()  # global: equal on every rank
             self.optimizer.step()
-            out.update({_per_mini_batch(name, index): sum(values) / len(values) for name, values in sums.items()})
-            out[f"grad_norm/mb{index}"] = grad_norm
         self._routing, self._old = {}, {}
         self.recorded.clear()
-        out["time/update"] = time.perf_counter() - started
-        return out
+        stats.maxima["time/update"] = time.perf_counter() - started
+        return stats
 
     def score(self, token_ids: list[int], temperature: float = 1.0) -> list[float]:
         """The trainer's log-prob of every token after the first (own routing: the weight-sync probe)."""
@@ -274,37 +268,83 @@ class TrainerRank:
         mask, mu = response_tensors(micro, batch.tokens.shape[1] - 1)
         return batch, mask, mu
 
-    def _forward(self, micro: Sequence[Sample], batch, *, record: bool = False, backward=None):
-        """One forward under this step's routing (replayed, recorded or the model's own); with
-        ``backward`` (scores -> (loss, metrics)) also the backward, inside the replay scope so
-        recomputed router forwards replay the same routing."""
+    def _wants_rollout_routing(self) -> bool:
+        return self.spec.replay == "R3" or self.spec.paired_diagnostics
+
+    def _mini_batches(self, samples: Sequence[Sample]) -> list[list[Sample]]:
+        return [[samples[i] for i in share] for share in split(len(samples), self.spec.mini_batches)]
+
+    def _update_micro_batches(self, samples: Sequence[Sample]) -> list[list[Sample]]:
+        return [micro for mini in self._mini_batches(samples) for micro in self._micro_batches(mini)]
+
+    def _score_old(self, micro: Sequence[Sample], stats: StepStats) -> None:
+        """One micro-batch of pi_old: scored under the trainer's own routing (recorded) and/or the
+        rollout's (replayed, coverage checked)."""
+        from routing_replay.megatron.logprobs import score
+        from routing_replay.megatron.replay import rollout_indices_from_wire
+        from routing_replay.rl.metrics import RatioStats
+
+        batch, mask, mu = self._tensors(micro)
+        keys = [s.key for s in micro]
+        own = rollout = None
+        if self.spec.replay != "R3" or self.spec.paired_diagnostics:
+            with self.replay.recording() as own_topk:
+                own = score(self.model, batch, self.spec.temperature)
+            self.recorded.add(keys, own_topk, [len(s.token_ids) for s in micro])
+        if self._wants_rollout_routing():
+            indices, masks = rollout_indices_from_wire([self._routing[k] for k in keys], batch.tokens.shape[1])
+            self._count_coverage(micro, batch, masks, stats)
+            with self.replay.replaying(indices, masks):
+                rollout = score(self.model, batch, self.spec.temperature)
+            _add_routing_report(self.replay.report(), stats)
+        used = rollout if self.spec.replay == "R3" else own
+        for row, sample in enumerate(micro):
+            self._old[sample.key] = used.logprobs[row, : len(sample.token_ids) - 1]
+        stats.add_ratio("mismatch", RatioStats.from_log_ratio(used.logprobs - mu, mask))
+        stats.add_share("entropy", float(used.entropy[mask].sum()), int(mask.sum()))
+        if own is not None and rollout is not None:
+            _add_paired(stats, own.logprobs - mu, rollout.logprobs - mu, mask,
+                        routing_flips(own_topk, indices, masks, len(micro)))
+
+    def _count_coverage(self, micro: Sequence[Sample], batch, masks: Sequence[torch.Tensor],
+                        stats: StepStats) -> None:
+        """Counts the rollout routing's coverage of the positions that reach the loss; R3 refuses a
+        micro-batch below ``min_replay_coverage`` rather than fall back to the trainer's routing."""
+        replayed, needed = _replay_coverage(masks, batch)
+        stats.add_share("routing/coverage", int((replayed & needed).sum()), int(needed.sum()))
+        covered = float((replayed & needed).sum()) / max(int(needed.sum()), 1)
+        if self.spec.replay == "R3" and covered < self.spec.min_replay_coverage:
+            gaps = [(s.key, (needed[row] & ~replayed[row]).nonzero().flatten().tolist())
+                    for row, s in enumerate(micro)]
+            named = "; ".join(f"{key}: positions {positions[:8]}{' ...' if len(positions) > 8 else ''}"
+                              for key, positions in gaps if positions)
+            raise ReplayCoverageError(f"R3 would replay {covered:.4f} of this micro-batch's loss positions "
+                                      f"(train.min_replay_coverage={self.spec.min_replay_coverage}); the rollout "
+                                      f"recorded no routing for {named}")
+
+    def _update_forward(self, micro: Sequence[Sample], batch, loss_fn) -> tuple[MiniBatchStats, int, int]:
+        """Forward and backward of one update micro-batch with the routing held fixed (R3: the
+        rollout's, R2: the old policy's) or the model's own (``none``), inside the replay scope so
+        recomputed router forwards replay the same routing. Also counts the (token, layer) pairs
+        where the current model's own top-k equals the fixed routing (``none``: the old policy's)."""
         from routing_replay.megatron.logprobs import score
         from routing_replay.megatron.replay import rollout_indices_from_wire
 
-        seq_len = batch.tokens.shape[1]
-        keys = [s.key for s in micro]
-        coverage = None
+        keys, seq_len = [s.key for s in micro], batch.tokens.shape[1]
         if self.spec.replay == "R3":
-            indices, masks = rollout_indices_from_wire([self._routing[k] for k in keys], seq_len)
-            coverage = _coverage(masks, batch)
-            scope = self.replay.replaying(indices, masks)
-        elif self.spec.replay == "R2" and not record:
-            scope = self.replay.replaying(*self.recorded.indices_for(keys, seq_len))
-        elif record:
-            scope = self.replay.recording()
+            held, masks = rollout_indices_from_wire([self._routing[k] for k in keys], seq_len)
         else:
-            scope = nullcontext()
-        with scope as recorded:
+            held, masks = self.recorded.indices_for(keys, seq_len)
+        replaying = self.spec.replay != "none"
+        with self.replay.replaying(held, masks) if replaying else self.replay.recording() as own:
             scores = score(self.model, batch, self.spec.temperature)
-            result = scores
-            if backward is not None:
-                loss, metrics = backward(scores)
-                loss.backward()
-                result = {"loss": float(loss.detach()), **metrics}
-        if record:
-            self.recorded.add(keys, recorded, [len(s.token_ids) for s in micro])
-        replayed = self.spec.replay == "R3" or (self.spec.replay == "R2" and not record)
-        return result, (_Routing(self.replay.report(), coverage) if replayed else None)
+            loss, mini_stats = loss_fn(scores)
+            loss.backward()
+        if replaying:
+            report = self.replay.report()
+            return mini_stats, sum(report.agreeing), sum(report.replayed)
+        same = [same_sets(o, h)[m] for o, h, m in zip(own, held, masks, strict=True)]
+        return mini_stats, sum(int(x.sum()) for x in same), sum(x.numel() for x in same)
 
     def _global_count(self, count: int) -> int:
         if self.spec.data_parallel == 1:
@@ -361,36 +401,39 @@ class TrainerRank:
         return ps.get_data_parallel_group()
 
 
-@dataclass(frozen=True)
-class _Routing:
-    report: object
-    """The replay's ``ReplayReport``."""
-    coverage: float | None
-    """Fraction of loss-relevant positions replayed in every layer (R3); None: all are (R2)."""
+class ReplayCoverageError(RuntimeError):
+    """R3 would replay less of a batch's loss positions than ``train.min_replay_coverage``: the
+    trainer would silently fall back to its own routing there."""
 
 
-def _per_mini_batch(name: str, index: int) -> str:
-    """``mismatch/k3`` -> ``mismatch/mb0/k3``; ``loss`` -> ``loss/mb0``."""
-    group, _, rest = name.partition("/")
-    return f"{group}/mb{index}/{rest}" if rest else f"{group}/mb{index}"
-
-
-def _coverage(masks: Sequence[torch.Tensor], batch) -> float:
-    """Replayed share of the positions that can affect the loss: real tokens followed by a token
-    of the same sequence (each sequence's last token and padding cannot)."""
+def _replay_coverage(masks: Sequence[torch.Tensor], batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(replayed, needed)``, both ``[B, S - 1]``: positions with a rollout row in every layer, and
+    the positions that can reach the loss (real tokens followed by a token of the same sequence:
+    each sequence's last token and padding cannot)."""
     seq_len, rows = batch.tokens.shape[1], batch.tokens.shape[0]
-    replayed = torch.stack([m.view(seq_len, rows) for m in masks]).all(0).T[:, :-1]  # [B, S - 1]
+    replayed = torch.stack([m.view(seq_len, rows) for m in masks]).all(0).T[:, :-1]
     needed = batch.valid[:, 1:] & (batch.segments[:, 1:] == batch.segments[:, :-1])
-    return float(replayed[needed].float().mean())
+    return replayed, needed
 
 
-def _routing_metrics(forwards: Sequence[_Routing]) -> dict[str, float]:
-    if not forwards:
-        return {}
-    layers = len(forwards[0].report.agreement)
-    out = {f"routing/agreement/layer{l}": sum(f.report.agreement[l] for f in forwards) / len(forwards)
-           for l in range(layers)}
-    coverages = [f.coverage for f in forwards if f.coverage is not None]
-    out["routing/coverage"] = min(coverages) if coverages else 1.0
-    out["routing/tokens_differing"] = float(sum(f.report.tokens_differing for f in forwards))
-    return out
+def _add_routing_report(report, stats: StepStats) -> None:
+    """The replayed forward's per-layer agreement of the model's own top-k with the replayed one."""
+    for layer, (agreeing, replayed) in enumerate(zip(report.agreeing, report.replayed, strict=True)):
+        stats.add_share(f"routing/agreement/layer{layer}", agreeing, replayed)
+    stats.add_total("routing/tokens_differing", report.tokens_differing)
+
+
+def _add_paired(stats: StepStats, own: torch.Tensor, rollout: torch.Tensor, mask: torch.Tensor, flips) -> None:
+    """The mismatch (log pi_old - log mu_old) under both routings on the same tokens, overall and
+    split by whether a flip reaches the token, and the flips' shares."""
+    from routing_replay.rl.metrics import RatioStats
+
+    for layer, (flipped, compared) in enumerate(zip(flips.flipped, flips.compared, strict=True)):
+        stats.add_share(f"paired/flip_share/layer{layer}", flipped, compared)
+    stats.add_share("paired/flip_share", sum(flips.flipped), sum(flips.compared))
+    affected = flips.affected & mask
+    stats.add_share("paired/tokens_flipped_share", int(affected.sum()), int(mask.sum()))
+    for name, log_ratio in (("own", own), ("rollout", rollout)):
+        stats.add_ratio(f"paired/{name}", RatioStats.from_log_ratio(log_ratio, mask))
+        stats.add_ratio(f"paired/{name}/flipped", RatioStats.from_log_ratio(log_ratio, affected))
+        stats.add_ratio(f"paired/{name}/unflipped", RatioStats.from_log_ratio(log_ratio, mask & ~affected))

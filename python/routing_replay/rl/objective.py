@@ -24,21 +24,22 @@ class Clip:
 @dataclass(frozen=True)
 class LossTerms:
     loss: torch.Tensor
-    clip_fraction: torch.Tensor
-    """Fraction of valid tokens where the clipped branch was taken."""
+    clipped: torch.Tensor
+    """``[B, T]`` bool: valid tokens where the clipped branch was taken (they pass no gradient)."""
 
 
 def token_loss(logp_theta: torch.Tensor, logp_old: torch.Tensor, correction_weights: torch.Tensor,
                advantages: torch.Tensor, mask: torch.Tensor, clip: Clip, num_tokens: int | None = None) -> LossTerms:
     """``logp_*``, ``correction_weights``, ``mask`` are ``[B, T]``; ``advantages`` is ``[B]``.
     ``num_tokens`` normalises across mini-batches (default: this batch's valid tokens)."""
-    mask = mask.float()
-    staleness = torch.exp(logp_theta - logp_old.detach())
+    valid = mask.bool()
+    # exp only of valid tokens' log ratios: padding's may be inf, and inf * 0 is nan (in the
+    # gradient too, unless torch.where selects before exp)
+    staleness = torch.exp(torch.where(valid, logp_theta - logp_old.detach(), 0.0))
     adv = advantages[:, None].float()
     unclipped = staleness * adv
     clipped = staleness.clamp(1 - clip.low, 1 + clip.high) * adv
     surrogate = torch.minimum(unclipped, clipped)
-    total = num_tokens if num_tokens is not None else mask.sum().clamp(min=1)
-    loss = -(correction_weights.detach() * surrogate * mask).sum() / total
-    took_clip = (clipped < unclipped).float() * mask
-    return LossTerms(loss, took_clip.sum() / mask.sum().clamp(min=1))
+    total = num_tokens if num_tokens is not None else valid.sum().clamp(min=1)
+    loss = -torch.where(valid, correction_weights.detach() * surrogate, 0.0).sum() / total
+    return LossTerms(loss, (clipped < unclipped) & valid)
