@@ -65,7 +65,7 @@ def _plot(args: argparse.Namespace) -> int:
     from routing_replay import run_log
 
     try:
-        paths = run_log.plot(args.run_dir, args.out)
+        paths = run_log.plot(args.runs, args.out)
     except run_log.MetricsError as exc:
         print(f"routing-replay plot: {exc}", file=sys.stderr)
         return 2
@@ -74,6 +74,32 @@ def _plot(args: argparse.Namespace) -> int:
         return 1
     for path in paths:
         print(path)
+    return 0
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    from routing_replay import config
+    from routing_replay.orchestration import experiment
+
+    try:
+        spec, base = experiment.load(args.config)
+    except config.ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    import logging
+
+    from routing_replay.orchestration.driver import JobError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    try:
+        out = experiment.run(spec, base, quick=args.quick, output_dir=args.output_dir, progress=not args.no_progress)
+    except JobError as exc:
+        print(f"routing-replay experiment: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("routing-replay experiment: interrupted", file=sys.stderr)
+        return 130
+    print(f"experiment finished: {out}/summary.md, {out}/summary.csv and the comparison plots in {out}")
     return 0
 
 
@@ -161,13 +187,32 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bars (logs and metrics only)")
     train.set_defaults(run=_train)
 
-    plot = sub.add_parser("plot", help="draw PNG curves of a run's metrics.jsonl",
-                          description="Draws one PNG per metric group (reward, mismatch, staleness, ...) of RUN_DIR's "
-                          "metrics.jsonl, a curve per metric, into RUN_DIR/plots (or --out). Exit codes: 0 done, 1 the "
-                          "plots cannot be written, 2 no metrics.jsonl or a malformed line (named).")
-    plot.add_argument("run_dir", type=Path, help="a run directory holding metrics.jsonl")
-    plot.add_argument("--out", type=Path, default=None, help="where to write the PNGs (default: RUN_DIR/plots)")
+    plot = sub.add_parser(
+        "plot", help="draw PNG curves of the metrics of one run, or of several runs overlaid",
+        description="Draws one PNG per metric family of each RUN's metrics.jsonl: reward, mismatch, paired "
+        "(own vs rollout routing), staleness, ratio, replay, clipping, update, routing, rollout, time (and other, "
+        "for metrics no family knows). Each PNG has a panel per statistic; one run gets a line per mini-batch "
+        "index (mb0..mbN) or layer, several runs a line per run (named by its directory) of the last mini-batch. "
+        "Panels whose values span more than two decades use a logarithmic axis; families without data are "
+        "skipped. Exit codes: 0 done, 1 the plots cannot be written, 2 no metrics.jsonl or a malformed line "
+        "(named).")
+    plot.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="a run directory holding metrics.jsonl")
+    plot.add_argument("--out", type=Path, default=None, help="where to write the PNGs (default: RUN/plots for one "
+                      "run, plots-A-vs-B in the runs' common directory for several)")
     plot.set_defaults(run=_plot)
+
+    experiment = sub.add_parser(
+        "experiment", help="run the seed's experiment: replay none / R2 / R3 x mini-batches x seeds",
+        description="Runs the grid of an experiment configuration (configs/experiments/seed-claims.yaml): per "
+        "seed one supervised warm start, then every (replay mode, mini-batches) cell from those weights on the "
+        "same prompts, in a shuffled order, each an ordinary run directory. Writes summary.csv, summary.md and "
+        "comparison plots into the output directory. Exit codes: 0 done, 1 job error, 2 bad configuration, "
+        "130 interrupted.")
+    experiment.add_argument("--config", required=True, type=Path, help="YAML experiment configuration")
+    experiment.add_argument("--quick", action="store_true", help="run the configuration's small `quick` grid (CI)")
+    experiment.add_argument("--output-dir", default=None, help="where to write (overrides output_dir)")
+    experiment.add_argument("--no-progress", action="store_true", help="no progress bar")
+    experiment.set_defaults(run=_experiment)
     return parser
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
@@ -136,8 +136,9 @@ class RolloutSection(_Section):
     (SGLang's update_weights_from_distributed; gloo on CPU, NCCL on GPU), ``disk`` writes safetensors
     that every engine loads (update_weights_from_disk; needs a file system shared with the engines)."""
     sync_tolerance: float = Field(default=1e-3, gt=0)
-    """After each weight sync, the largest |engine - trainer| log-prob on a probe sequence allowed;
-    beyond it the job stops (raise it for bfloat16 rollouts of a float32 trainer)."""
+    """After each weight sync, the largest mean |engine - trainer| log-prob per token of a probe
+    sequence allowed (per engine); beyond it the job stops. Raise it for bfloat16 rollouts of a
+    float32 trainer (an engine on other weights differs by nats on every token)."""
 
 
 class ParallelSection(_Section):
@@ -339,9 +340,9 @@ def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
     return line
 
 
-def _allowed_keys(loc: tuple[int | str, ...]) -> list[str]:
-    """The keys of the section that holds ``loc`` (an unknown key's location)."""
-    section: type[BaseModel] = JobConfig
+def _allowed_keys(schema: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    """The keys of the section of ``schema`` that holds ``loc`` (an unknown key's location)."""
+    section = schema
     for part in loc[:-1]:
         annotation = section.model_fields[str(part)].annotation
         section = next(t for t in (annotation, *get_args(annotation))
@@ -349,11 +350,11 @@ def _allowed_keys(loc: tuple[int | str, ...]) -> list[str]:
     return list(section.model_fields)
 
 
-def _describe(error: ErrorDetails, root: yaml.Node | None) -> str:
+def _describe(schema: type[BaseModel], error: ErrorDetails, root: yaml.Node | None) -> str:
     # An unknown key may hold a newline: quote it so that the message stays on one line.
     where = ".".join(str(part) if str(part).isprintable() else repr(part) for part in error["loc"])
     if error["type"] == "extra_forbidden":
-        message = f"unknown key; allowed: {', '.join(_allowed_keys(error['loc']))}"
+        message = f"unknown key; allowed: {', '.join(_allowed_keys(schema, error['loc']))}"
     elif error["type"] in ("model_type", "dict_type"):
         message = f"must be a mapping, got {_yaml_kind(error['input'])}"
     elif error["type"].endswith("_type"):
@@ -364,18 +365,21 @@ def _describe(error: ErrorDetails, root: yaml.Node | None) -> str:
     return f"{where}: {message}" + (f" (line {line})" if line else "")
 
 
-def load(path: str | Path) -> JobConfig:
-    """The job configuration of a YAML file; every way the file can be wrong is a ConfigError naming
-    the file and the field or the line."""
+Schema = TypeVar("Schema", bound=BaseModel)
+
+
+def load(path: str | Path, schema: type[Schema] = JobConfig) -> Schema:
+    """The configuration in a YAML file (a job's, or another ``schema``'s such as an experiment's);
+    every way the file can be wrong is a ConfigError naming the file and the field or the line."""
     path = Path(path)
     raw, root = _parse_yaml(path, _read_text(path))
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections ({', '.join(JobConfig.model_fields)}),"
+        raise ConfigError(f"{path}: the top level must be a mapping of sections ({', '.join(schema.model_fields)}),"
                           f" got {'an empty document' if raw is None else _yaml_kind(raw)}")
     try:
-        return JobConfig.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"{path}: " + "; ".join(_describe(error, root) for error in exc.errors())) from None
+        raise ConfigError(f"{path}: " + "; ".join(_describe(schema, error, root) for error in exc.errors())) from None
 
 
 def validate_job(cfg: JobConfig, arch: Architecture) -> list[str]:

@@ -57,6 +57,13 @@ BAD_CONFIGS = {
                                    ["rollout.sglang_args: Input should be a valid list, got a string"]),
     "wrong type in task.args": (TINY + b"task: {args: {max_operand: [4]}}\n",
                                 ["task.args.max_operand: Value error, must be a number or a string, got a list"]),
+    "tiny neither a kind nor a mapping": (b"model: {tiny: [qwen3_moe]}\n", [
+        "model.tiny: Value error, must be a kind (qwen3_moe, qwen2_moe, mixtral) or a mapping, got a list (line 1)"]),
+    "tiny top_k above its experts": (b"model:\n  tiny:\n    kind: qwen3_moe\n    experts: 4\n    top_k: 8\n",
+                                    ["model.tiny.top_k: Value error, top_k=8 must be at most experts=4 (line 5)"]),
+    "unknown key in a tiny shape": (b"model:\n  tiny:\n    kind: qwen3_moe\n    expert: 4\n", [
+        "model.tiny.expert: unknown key; allowed: kind, layers, hidden, experts, top_k, moe_intermediate_size, "
+        "shared_expert, seed (line 4)"]),
     "unknown section": (TINY + b"trainer: {steps: 3}\n",
                         ["trainer: unknown key; allowed: model, rollout, train, task, run (line 2)"]),
     "unknown key": (TINY + b"train:\n  parallel: {experts: 2}\n",
@@ -212,9 +219,10 @@ def test_installed_entry_point_exits_2_without_a_traceback(tmp_path):
 
 
 # Keys the schema knows, so that generated documents reach the nested sections too.
-SCHEMA_KEYS = sorted({name for section in (config.JobConfig, config.ModelSection, config.Architecture,
-                                           config.RolloutSection, config.TrainSection, config.ParallelSection,
-                                           config.CorrectionSection, config.TaskSection, config.RunSection)
+SCHEMA_KEYS = sorted({name for section in (config.JobConfig, config.ModelSection, config.TinyModel,
+                                           config.Architecture, config.RolloutSection, config.TrainSection,
+                                           config.ParallelSection, config.CorrectionSection, config.TaskSection,
+                                           config.RunSection)
                       for name in section.model_fields})
 YAML_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12)
