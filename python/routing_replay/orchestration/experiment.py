@@ -160,6 +160,8 @@ SUMMARY_COLUMNS = {
     "rollout_k3": "paired/rollout/k3",
     "own_p99": "paired/own/p99",
     "rollout_p99": "paired/rollout/p99",
+    "own_max": "paired/own/max",
+    "rollout_max": "paired/rollout/max",
     "flip_share": "paired/flip_share",
     "tokens_flipped": "paired/tokens_flipped_share",
     "flipped_k3_share": "paired/flipped_k3_share",
