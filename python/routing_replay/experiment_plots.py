@@ -155,6 +155,7 @@ def _index_curve(records: dict, mode: str, size: int, pattern: str) -> list[floa
 
 def _reward_by_step(out: Path, records: dict) -> Path:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     sizes = sorted({cell.mini_batches for cell in records})
     fig, axes = plt.subplots(1, len(sizes), figsize=(4.6 * len(sizes), 4), squeeze=False, sharey=True)
@@ -164,6 +165,7 @@ def _reward_by_step(out: Path, records: dict) -> Path:
             ax.plot(steps, rewards, marker=".", color=MODE_COLORS[mode], label=mode)
         ax.set_title(f"{size} mini-batch{'es' if size > 1 else ''} per rollout batch")
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()
     axes[0][0].set_ylabel("mean reward")
     fig.suptitle("Reward by step (mean over seeds)")
