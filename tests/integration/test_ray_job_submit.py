@@ -8,6 +8,7 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -29,11 +30,27 @@ def ray_head(tmp_path_factory):
     temp = tmp_path_factory.mktemp("ray-head")
     start = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--include-dashboard", "true",
-             "--num-cpus", "2", "--object-store-memory", str(300 << 20), "--temp-dir", str(temp)]
+             "--num-cpus", "2", "--object-store-memory", str(300 << 20), "--temp-dir", str(temp),
+             # the agents' default ports may be held by the test session's own Ray
+             "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+             "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port())]
     out = subprocess.run(start, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     yield f"http://127.0.0.1:{dashboard}", env
-    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+    stop_processes_under(temp)
+
+
+def stop_processes_under(temp_dir: Path) -> None:
+    """Stops this head's processes only (their command lines name its temp dir). `ray stop` would
+    stop every Ray on the machine, the test session's own included."""
+    import psutil
+
+    mine = [p for p in psutil.process_iter(["cmdline"]) if str(temp_dir) in " ".join(p.info["cmdline"] or [])]
+    for process in mine:
+        process.terminate()
+    _, alive = psutil.wait_procs(mine, timeout=30)
+    for process in alive:
+        process.kill()
 
 
 @pytest.mark.timeout(600)
@@ -49,7 +66,13 @@ def test_ray_job_submit_runs_the_job_on_the_cluster(ray_head, tmp_path):
                   f"exec {BIN / 'routing-replay'} train --config {path} --no-progress")
     submit = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
               "bash", "-c", entrypoint]
-    out = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=540, cwd=REPO)
+    deadline = time.monotonic() + 120
+    while True:  # a fresh head answers "no available agent" until its job agent is up: wait for that state
+        out = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=540, cwd=REPO)
+        if out.returncode == 0 or "No available agent" not in out.stdout + out.stderr:
+            break
+        assert time.monotonic() < deadline, "the head's job agent did not come up in 120 s"
+        time.sleep(2)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "succeeded" in out.stdout
     assert "run finished" in out.stdout
