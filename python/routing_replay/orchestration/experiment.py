@@ -155,7 +155,6 @@ def warm_start(base: job_config.JobConfig, seed: int, out: Path) -> Path:
 
 # The summary: per cell, means over its steps of what tests the seed's claims.
 SUMMARY_COLUMNS = {
-    "reward_first": "reward/mean",
     "own_k3": "paired/own/k3",
     "rollout_k3": "paired/rollout/k3",
     "own_p99": "paired/own/p99",
@@ -169,7 +168,6 @@ SUMMARY_COLUMNS = {
     "unflipped_k3_rollout": "paired/rollout/unflipped/k3",
     "mismatch_k3": "mismatch/k3",
     "staleness_mb0": "staleness/mb0/mean_abs",
-    "reward_last": "reward/mean",
 }
 
 
@@ -179,14 +177,9 @@ def summarise(cell: Cell, records: list[dict]) -> dict[str, float | int | str]:
         raise ValueError(f"{cell.name}: no RL step was logged")
     last = cell.mini_batches - 1
     row: dict[str, float | int | str] = {"seed": cell.seed, "replay": cell.replay, "mini_batches": cell.mini_batches,
-                                         "steps": len(steps)}
-    for column, metric in SUMMARY_COLUMNS.items():
-        if column == "reward_first":
-            row[column] = steps[0][metric]
-        elif column == "reward_last":
-            row[column] = steps[-1][metric]
-        else:
-            row[column] = _mean(steps, metric)
+                                         "steps": len(steps), "reward_first": steps[0]["reward/mean"]}
+    row.update({column: _mean(steps, metric) for column, metric in SUMMARY_COLUMNS.items()})
+    row["reward_last"] = steps[-1]["reward/mean"]
     row["k3_reduction"] = _ratio(row["own_k3"], row["rollout_k3"])
     row["staleness_last_mb"] = _mean(steps, f"staleness/mb{last}/mean_abs")
     row["agreement_last_mb"] = _mean(steps, f"replay/agreement/mb{last}")
