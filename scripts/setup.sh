@@ -2,13 +2,25 @@
 # Creates the project's virtual environment with the pinned, tested stack (torch, sglang,
 # megatron-core, ray, pyzmq, pybind11, ...) and builds the native extension into it.
 #
+# Two stacks (requirements/README.md):
+#   cpu  torch.txt + lock-cpu.txt (CPU torch, a stub sgl_kernel; cpu_workarounds/ applied where
+#        nvidia-smi finds no GPU). The default where `nvidia-smi -L` lists no GPU.
+#   gpu  lock-gpu.txt (SGLang with its real CUDA dependencies: the torch it pins, sgl-kernel,
+#        flashinfer, nvidia-* CUDA 13 wheels; needs glibc >= 2.34 and an NVIDIA driver for CUDA
+#        13.0, R580 or newer). The default where `nvidia-smi -L` lists a GPU; checks that torch
+#        sees CUDA and that sgl_kernel imports. Never applies cpu_workarounds/.
+# A venv holds one stack: switching needs a new venv (remove it, or set ROUTING_REPLAY_VENV).
+#
 # Idempotent: each stage records a hash of its inputs in the venv and is skipped when they have
 # not changed, so a second run takes a second or two.
 #
 #   scripts/setup.sh            # venv at .venv (or $ROUTING_REPLAY_VENV)
 #
 # Environment: PYTHON (default python3.11), ROUTING_REPLAY_VENV, ROUTING_REPLAY_REQUIRE_CUDA=1 to
-# fail when the CUDA module cannot be built (CI sets it: nvcc is installed there).
+# fail when the CUDA module cannot be built (CI sets it: nvcc is installed there),
+# ROUTING_REPLAY_STACK=cpu|gpu to choose the stack instead of detecting it, and
+# ROUTING_REPLAY_SETUP_DRY_RUN=1 to print the stack chosen and what would be installed, changing
+# nothing.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -34,27 +46,107 @@ pip_quiet() {
   return $status
 }
 
+GPU_PRESENT=0
+has_gpu && GPU_PRESENT=1
+STACK=${ROUTING_REPLAY_STACK:-}
+if [ -z "$STACK" ]; then
+  if [ $GPU_PRESENT = 1 ]; then STACK=gpu; else STACK=cpu; fi
+  STACK_WHY="detected: nvidia-smi -L $( [ $GPU_PRESENT = 1 ] && echo lists a GPU || echo finds no GPU)"
+else
+  STACK_WHY="ROUTING_REPLAY_STACK=$STACK"
+fi
+# What each stack installs: its hash covers these files, the stack's name, whether the CPU
+# workarounds apply, and STACK_RECIPE (bump it when the install steps below change).
+STACK_RECIPE=2
+case "$STACK" in
+  cpu)
+    STACK_FILES="requirements/torch.txt requirements/lock-cpu.txt cpu_workarounds/apply.py cpu_workarounds/sgl_kernel/__init__.py"
+    WORKAROUNDS=$([ $GPU_PRESENT = 1 ] && echo no || echo yes) ;;
+  gpu)
+    STACK_FILES="requirements/lock-gpu.txt"
+    WORKAROUNDS=no ;;
+  *) echo "[setup] ROUTING_REPLAY_STACK must be cpu or gpu, not '$STACK'" >&2; exit 2 ;;
+esac
+# shellcheck disable=SC2086  # STACK_FILES is a list of paths without spaces
+STACK_HASH=$( { printf 'recipe %s stack %s cpu-workarounds %s\n' "$STACK_RECIPE" "$STACK" "$WORKAROUNDS"
+                (cd "$ROOT" && cat $STACK_FILES); } | sha256sum | cut -d' ' -f1)
+
+if [ "${ROUTING_REPLAY_SETUP_DRY_RUN:-0}" = "1" ]; then
+  log "dry run: nothing is changed"
+  log "stack: $STACK ($STACK_WHY); venv: $VENV"
+  [ -x "$VENV/bin/python" ] || log "would create the virtual environment with $PYTHON"
+  if [ -f "$STAMPS/stack-kind" ] && [ "$(cat "$STAMPS/stack-kind")" != "$STACK" ]; then
+    log "would refuse: the venv holds the $(cat "$STAMPS/stack-kind") stack"
+  elif stage_done stack "$STACK_HASH"; then
+    log "stack up to date (inputs: $STACK_FILES)"
+  else
+    log "would install (inputs: $STACK_FILES):"
+    if [ "$STACK" = cpu ]; then
+      log "  pip install -r requirements/torch.txt   # $(grep -E '^[A-Za-z]' "$ROOT/requirements/torch.txt" | tr '\n' ' ')"
+      log "  pip install --no-deps -r requirements/lock-cpu.txt   # $(grep -cE '^[A-Za-z]' "$ROOT/requirements/lock-cpu.txt") pins"
+      log "  cpu_workarounds/apply.py: $WORKAROUNDS"
+      log "  check: import torch, sglang, megatron.core, ray, zmq, pybind11"
+    else
+      log "  pip install --no-deps --only-binary=:all: -r requirements/lock-gpu.txt   # $(grep -cE '^[A-Za-z]' "$ROOT/requirements/lock-gpu.txt") pins, then pip check"
+      for p in sglang torch sglang-kernel flashinfer-python megatron-core ray; do
+        log "    $(grep -m1 -E "^$p==" "$ROOT/requirements/lock-gpu.txt")"
+      done
+      log "  cpu_workarounds/apply.py: no"
+      log "  check: import torch, sglang, megatron.core, ray, zmq, pybind11; torch.cuda.is_available(); import sgl_kernel"
+    fi
+  fi
+  log "then the native extension build stage, as usual"
+  exit 0
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
   command -v "$PYTHON" >/dev/null || { echo "[setup] $PYTHON not found; set PYTHON to a Python 3.11" >&2; exit 1; }
   log "creating virtual environment $VENV"
   "$PYTHON" -m venv "$VENV"
 fi
 
-STACK_HASH=$(hash_of requirements/torch.txt requirements/lock-cpu.txt scripts/setup.sh cpu_workarounds/apply.py cpu_workarounds/sgl_kernel/__init__.py)
+if [ -f "$STAMPS/stack-kind" ] && [ "$(cat "$STAMPS/stack-kind")" != "$STACK" ]; then
+  echo "[setup] $VENV holds the $(cat "$STAMPS/stack-kind") stack, but the $STACK stack was chosen ($STACK_WHY)." >&2
+  echo "[setup] A venv holds one stack: remove it (rm -rf $VENV), set ROUTING_REPLAY_VENV to another path, or set ROUTING_REPLAY_STACK=$(cat "$STAMPS/stack-kind")." >&2
+  exit 1
+fi
+
 if ! stage_done stack "$STACK_HASH"; then
   log "installing the pinned stack (first run: a few minutes)"
-  pip_quiet -r "$ROOT/requirements/torch.txt"
-  # --no-deps: the lock is complete; sglang's own metadata asks for CUDA-only packages.
-  pip_quiet --no-deps -r "$ROOT/requirements/lock-cpu.txt"
-  if has_gpu; then
-    log "GPU found: no CPU workarounds applied"
+  if [ "$STACK" = cpu ]; then
+    pip_quiet -r "$ROOT/requirements/torch.txt"
+    # --no-deps: the lock is complete; sglang's own metadata asks for CUDA-only packages.
+    pip_quiet --no-deps -r "$ROOT/requirements/lock-cpu.txt"
+    if [ "$WORKAROUNDS" = no ]; then
+      log "GPU found: no CPU workarounds applied"
+    else
+      log "no GPU: applying cpu_workarounds"
+      "$VENV/bin/python" "$ROOT/cpu_workarounds/apply.py"
+    fi
   else
-    log "no GPU: applying cpu_workarounds"
-    "$VENV/bin/python" "$ROOT/cpu_workarounds/apply.py"
+    log "GPU stack ($STACK_WHY): requirements/lock-gpu.txt (several GB of CUDA wheels on a first run)"
+    # --no-deps: the lock is SGLang's full dependency closure (scripts/check_gpu_lock.sh proves it);
+    # pip check then confirms every installed requirement is met.
+    # --only-binary: the lock was resolved for wheels (manylinux_2_34): never build from source.
+    pip_quiet --no-deps --only-binary=:all: -r "$ROOT/requirements/lock-gpu.txt"
+    check_out=$("$VENV/bin/python" -m pip check --disable-pip-version-check 2>&1) \
+      || { printf '%s\n' "$check_out" >&2; echo "[setup] the GPU stack's requirements are not all met (pip check above)" >&2; exit 1; }
   fi
   "$VENV/bin/python" -c "import torch, sglang, megatron.core, ray, zmq, pybind11" \
     || { echo "[setup] the stack does not import" >&2; exit 1; }
+  if [ "$STACK" = gpu ]; then
+    "$VENV/bin/python" - <<'PY' || { echo "[setup] the GPU stack cannot use the GPU (see above)" >&2; exit 1; }
+import torch
+if not torch.version.cuda:
+    raise SystemExit(f"[setup] torch {torch.__version__} is not a CUDA build")
+if not torch.cuda.is_available():
+    raise SystemExit(f"[setup] torch {torch.__version__} (CUDA {torch.version.cuda}): torch.cuda.is_available() is False (driver too old for this CUDA, or no GPU visible)")
+import sgl_kernel  # noqa: F401  SGLang's CUDA kernels
+print(f"[setup] torch {torch.__version__} sees {torch.cuda.device_count()} GPU(s): {torch.cuda.get_device_name(0)}; sgl_kernel imports")
+PY
+  fi
   mark_done stack "$STACK_HASH"
+  mark_done stack-kind "$STACK"
   rm -f "$STAMPS/build"  # a new torch or toolchain means a fresh build
 fi
 

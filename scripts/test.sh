@@ -9,6 +9,8 @@ cd "$ROOT"
 if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then
   export ROUTING_REPLAY_REQUIRE_CUDA=1
 fi
+# The GPU stack's lock resolves and is complete (registry metadata only; no GPU, no venv needed).
+bash scripts/check_gpu_lock.sh
 bash scripts/setup.sh
 VENV=${ROUTING_REPLAY_VENV:-$ROOT/.venv}
 PY="$VENV/bin/python"
