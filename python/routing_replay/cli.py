@@ -32,7 +32,14 @@ def _train(args: argparse.Namespace) -> int:
     print(f"{args.config}: {total / 1e9:.2f}B parameters ({active / 1e9:.2f}B active), replay {cfg.train.replay}, "
           f"{cfg.train.mini_batches} mini-batch(es) per rollout batch")
     print(f"  trainer: TP {p.tensor} x PP {p.pipeline} x CP {p.context} x DP {p.data}, EP {p.expert}; "
-          f"~{memory['trainer_state_gib']:.1f} GiB weights+grads+Adam per GPU")
+          f"{cfg.model.train_dtype}, distributed optimizer {'on' if cfg.train.distributed_optimizer else 'off'}, "
+          f"recompute {cfg.train.recompute}")
+    parts = ", ".join(f"{part} {memory[f'{part}_gib']:.2f}" for part in config.TRAINER_MEMORY_PARTS)
+    print(f"  trainer memory per GPU (estimate, GiB): {parts}")
+    limit = (f"of run.gpu_memory_gib={cfg.run.gpu_memory_gib:g} (limit 90%: {0.9 * cfg.run.gpu_memory_gib:.1f})"
+             if cfg.run.gpus else "(run.gpus: 0, not checked)")
+    print(f"    total {memory['trainer_total_gib']:.2f} GiB {limit}; micro-batch of {cfg.train.micro_batch_size} x "
+          f"{cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens} tokens")
     print(f"  rollout: {cfg.rollout.engines} SGLang engine(s) x {cfg.rollout.gpus_per_engine} GPU(s); routing recorder "
           f"~{memory['routing_recorder_gib_per_engine']:.2f} GiB per engine at 1M KV slots")
     for problem in problems:

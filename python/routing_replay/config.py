@@ -126,6 +126,9 @@ class RolloutSection(_Section):
     group_size: int = Field(default=4, ge=2)
     """Responses per prompt (GRPO group)."""
     max_new_tokens: int = Field(default=32, ge=1)
+    max_prompt_tokens: int = Field(default=512, ge=1)
+    """The longest prompt, in tokens, the job plans for: with ``max_new_tokens`` it is the sequence
+    length of the memory estimate (``memory_estimate``)."""
     temperature: float = Field(default=1.0, gt=0)
     top_p: float = 1.0
     top_k: int = -1
@@ -164,6 +167,27 @@ class TrainSection(_Section):
     """Optimizer steps per rollout batch (1 = on-policy)."""
     micro_batch_size: int = Field(default=4, ge=1)
     learning_rate: float = Field(default=1e-5, gt=0)
+    lr_warmup_steps: int = Field(default=0, ge=0)
+    """Optimizer steps of linear warm-up from 0 to ``learning_rate``."""
+    lr_decay: Literal["constant", "linear", "cosine"] = "constant"
+    """After the warm-up, from ``learning_rate`` to ``min_learning_rate`` over the job's remaining
+    optimizer steps (``steps`` x ``mini_batches`` in all)."""
+    min_learning_rate: float = Field(default=0.0, ge=0)
+    """Where ``lr_decay`` ends; at most ``learning_rate``."""
+    weight_decay: float = Field(default=0.0, ge=0)
+    adam_beta1: float = Field(default=0.9, ge=0, lt=1)
+    adam_beta2: float = Field(default=0.999, ge=0, lt=1)
+    adam_eps: float = Field(default=1e-8, gt=0)
+    distributed_optimizer: bool = False
+    """Shard the fp32 main parameters and Adam moments over the data-parallel ranks (megatron-core's
+    DistributedOptimizer; expert parameters over the expert-data-parallel ranks). With one
+    data-parallel rank it changes nothing."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recompute (megatron-core's recompute_granularity): ``selective`` recomputes the core
+    attention in backward, ``full`` whole transformer layers (only their inputs are kept)."""
+    recompute_layers: int = Field(default=1, ge=1)
+    """With ``recompute: full``: layers per recomputed chunk (recompute_method uniform,
+    recompute_num_layers); must divide the layers per pipeline stage."""
     clip_low: float = Field(default=0.2, ge=0)
     clip_high: float = Field(default=0.28, ge=0)
     grad_clip: float = Field(default=1.0, gt=0)
@@ -176,6 +200,14 @@ class TrainSection(_Section):
     """Score pi_old twice, under the trainer's own routing and under the rollout's, in every replay mode
     (the ``paired/*`` metrics: what routing flips contribute to the mismatch). SGLang then records
     routing even without R3; turn off for speed."""
+
+    @field_validator("min_learning_rate")
+    @classmethod
+    def _min_within_learning_rate(cls, minimum: float, info: ValidationInfo) -> float:
+        learning_rate = info.data.get("learning_rate")
+        if learning_rate is not None and minimum > learning_rate:
+            raise ValueError(f"min_learning_rate={minimum} must be at most learning_rate={learning_rate}")
+        return minimum
 
 
 def _scalar(value: object) -> object:
@@ -215,6 +247,10 @@ class RunSection(_Section):
     max_engine_restarts: int = Field(default=3, ge=0)
     """Restarts of one crashed engine within one rollout before the job gives up."""
     keep_checkpoints: int = Field(default=2, ge=1)
+    placement: Literal["colocate", "separate"] = "colocate"
+    """Where Ray places the GPUs' actors: ``colocate`` packs engines and trainer ranks onto as few
+    nodes as possible, ``separate`` puts the engines on other nodes than the trainer's where the
+    cluster allows. Each trainer expert-parallel group always stays inside one node."""
 
 
 class JobConfig(_Section):
@@ -399,6 +435,10 @@ def validate_job(cfg: JobConfig, arch: Architecture) -> list[str]:
         problems.append("train.parallel.sequence_parallel needs train.parallel.tensor > 1")
     if (p.data * p.tensor * p.context) % p.expert:
         problems.append("train.parallel.expert must divide data x tensor x context ranks")
+    stage_layers = arch.num_layers // p.pipeline
+    if t.recompute == "full" and not arch.num_layers % p.pipeline and stage_layers % t.recompute_layers:
+        problems.append(f"train.recompute_layers={t.recompute_layers} must divide the {stage_layers} layers per "
+                        "pipeline stage (train.recompute: full)")
     for name, size in (("tensor", p.tensor), ("pipeline", p.pipeline), ("context", p.context)):
         if size != 1:
             problems.append(f"train.parallel.{name}={size}: the RL trainer supports data and expert parallelism only "
@@ -420,10 +460,13 @@ def validate_job(cfg: JobConfig, arch: Architecture) -> list[str]:
     except ValueError as exc:
         problems.append(f"task.reward: {exc}")
     if cfg.run.gpus:
-        estimate = memory_estimate(cfg, arch)["trainer_state_gib"]
-        if estimate > 0.9 * cfg.run.gpu_memory_gib:
-            problems.append(f"train.parallel: about {estimate:.0f} GiB of weights, gradients and optimizer state per "
-                            f"GPU exceed 90% of run.gpu_memory_gib={cfg.run.gpu_memory_gib}")
+        memory = memory_estimate(cfg, arch)
+        if memory["trainer_total_gib"] > 0.9 * cfg.run.gpu_memory_gib:
+            parts = " + ".join(f"{part} {memory[f'{part}_gib']:.1f}" for part in TRAINER_MEMORY_PARTS)
+            problems.append(f"trainer memory per GPU: about {memory['trainer_total_gib']:.1f} GiB ({parts}) exceeds "
+                            f"90% of run.gpu_memory_gib={cfg.run.gpu_memory_gib}: raise train.parallel.data or "
+                            ".expert, set train.distributed_optimizer or train.recompute, or lower "
+                            "train.micro_batch_size, rollout.max_prompt_tokens or rollout.max_new_tokens")
         trainer = p.tensor * p.pipeline * p.context * p.data
         engines = r.engines * r.gpus_per_engine
         if trainer + engines > cfg.run.gpus:
@@ -444,20 +487,98 @@ def parameter_count(arch: Architecture) -> tuple[int, int]:
     return total, active
 
 
+TRAINER_MEMORY_PARTS = ("params", "grads", "main_params", "adam", "activations", "logits")
+"""The parts of a trainer GPU's memory, each a ``{part}_gib`` key of ``memory_estimate``."""
+
+
 def memory_estimate(cfg: JobConfig, arch: Architecture, kv_slots_per_engine: int = 1 << 20) -> dict[str, float]:
-    """GiB per trainer GPU (weights, grads, Adam states in fp32, sharded over TP x PP and experts over
-    EP) and the routing recorder per engine (uint8 up to 256 experts)."""
-    p = cfg.train.parallel
+    """GiB per trainer GPU, as the megatron-core trainer allocates it, and of the routing recorder
+    per engine (uint8 ids up to 256 experts, at ``kv_slots_per_engine`` KV slots).
+
+    State, per parameter held: dense parameters are sharded over TP x PP, expert parameters over
+    EP x expert-TP x PP (expert-TP = TP, megatron's default). ``params_gib``: train_dtype bytes (2 or
+    4); ``grads_gib``: 4 (fp32 grad buffer, grad_reduce_in_fp32); ``main_params_gib``: 4 with bfloat16
+    training (fp32 master copy), 0 with float32 (the parameter is its own); ``adam_gib``: 8 (two fp32
+    moments). With ``train.distributed_optimizer`` main params and moments are divided by the
+    data-parallel size (DP x CP) for dense parameters and by megatron's expert-data-parallel size
+    (world / (EP x expert-TP x PP)) for expert parameters. ``trainer_state_gib`` is their sum.
+
+    Activations (``_activation_bytes``) and logits of one micro-batch at the longest sequence,
+    ``micro_batch_size`` x (``max_prompt_tokens`` + ``max_new_tokens``); ``trainer_total_gib`` is
+    the state plus both. An estimate: allocator fragmentation, communication buffers and backward
+    temporaries other than the logits' gradient are not counted (hence the 90% limit of
+    ``validate_job``), and expert activations assume balanced routing.
+    """
+    p, t = cfg.train.parallel, cfg.train
     total, _ = parameter_count(arch)
-    bytes_per_param = 2 + 4 + 8 if cfg.model.train_dtype == "bfloat16" else 4 + 4 + 8
     moe_layers = arch.moe_layers if arch.moe_layers is not None else arch.num_layers
     expert_params = moe_layers * arch.num_experts * 3 * arch.hidden_size * arch.moe_intermediate_size
     dense = (total - expert_params) / (p.tensor * p.pipeline)
     experts = expert_params / (p.expert * p.tensor * p.pipeline)
+    world = p.tensor * p.pipeline * p.context * p.data
+    if t.distributed_optimizer:
+        optimizer_held = dense / (p.data * p.context) + experts / max(1, world // (p.expert * p.tensor * p.pipeline))
+    else:
+        optimizer_held = dense + experts
+    bf16 = cfg.model.train_dtype == "bfloat16"
+    activations, logits = _activation_bytes(cfg, arch)
+    gib = {"params_gib": (dense + experts) * (2 if bf16 else 4) / 2**30,
+           "grads_gib": (dense + experts) * 4 / 2**30,
+           "main_params_gib": optimizer_held * 4 / 2**30 if bf16 else 0.0,
+           "adam_gib": optimizer_held * 8 / 2**30,
+           "activations_gib": activations / 2**30,
+           "logits_gib": logits / 2**30}
+    gib["trainer_state_gib"] = sum(gib[f"{part}_gib"] for part in ("params", "grads", "main_params", "adam"))
+    gib["trainer_total_gib"] = sum(gib[f"{part}_gib"] for part in TRAINER_MEMORY_PARTS)
     itemsize = 1 if arch.num_experts <= 256 else 2
     recorder = kv_slots_per_engine * (moe_layers * arch.top_k * itemsize + 4 * -(-moe_layers // 32))
-    return {"trainer_state_gib": (dense + experts) * bytes_per_param / 2**30,
-            "routing_recorder_gib_per_engine": recorder / 2**30}
+    gib["routing_recorder_gib_per_engine"] = recorder / 2**30
+    return gib
+
+
+def _activation_bytes(cfg: JobConfig, arch: Architecture) -> tuple[float, float]:
+    """(activations, logits) in bytes of one micro-batch of b rows of s tokens (T = b x s), for the
+    layouts the RL trainer runs (TP = CP = PP = 1), with megatron-core's local layer spec.
+
+    e is the train_dtype's size (2 or 4), h hidden, A = heads x head_dim, k top_k, f the expert
+    intermediate size, a the heads. Kept for backward, per layer (after Korthikanti et al., "Reducing
+    Activation Recomputation in Large Transformer Models", with SwiGLU experts and no dropout):
+
+    - attention linears: T e (3h + 8A): two norm inputs and the QKV input; Q, K, V around QK-norm
+      and rotary and K, V repeated to the query heads, the output projection's input (~8A);
+    - MoE MLP (layers with a router): T e (h + k (2h + 4f)): the router input; per routed copy the
+      expert input, its output (for the weighted combine), gate and up (2f), silu and product (2f);
+    - attention scores (unfused core attention): a b s^2 (4 + 2): the fp32 softmax and its bfloat16
+      copy for the product with V (float32 training: one tensor, a b s^2 4).
+
+    ``none`` keeps every layer's three; ``selective`` every layer's linears and MLP, and one layer's
+    scores recomputed in backward; ``full`` each chunk of ``recompute_layers`` layers' input
+    (T e h) and one chunk's activations recomputed in backward. Plus one score buffer, a b s^2 e
+    (megatron's global memory buffer). Dense MLPs of layers without a router are not counted.
+
+    Logits: T x vocab x (e + 12): the logits, the fp32 log-probabilities and their exponentials
+    (entropy) kept for backward, and one fp32 gradient of that size in backward.
+    """
+    r, t = cfg.rollout, cfg.train
+    e = 2 if cfg.model.train_dtype == "bfloat16" else 4
+    b, s = t.micro_batch_size, r.max_prompt_tokens + r.max_new_tokens
+    tokens = b * s
+    h, width, k = arch.hidden_size, arch.num_attention_heads * arch.head_dim, arch.top_k
+    layers = arch.num_layers
+    moe_layers = arch.moe_layers if arch.moe_layers is not None else layers
+    attention = tokens * e * (3 * h + 8 * width)
+    mlp = tokens * e * (h + k * (2 * h + 4 * arch.moe_intermediate_size))
+    score_elements = arch.num_attention_heads * b * s * s
+    scores = score_elements * (6 if e == 2 else 4)
+    if t.recompute == "none":
+        kept = layers * (attention + scores) + moe_layers * mlp
+    elif t.recompute == "selective":
+        kept = layers * attention + moe_layers * mlp + scores
+    else:
+        chunk = t.recompute_layers
+        kept = -(-layers // chunk) * tokens * e * h + chunk * (attention + mlp + scores)
+    logits = tokens * arch.vocab_size * (e + 12)
+    return kept + score_elements * e, logits
 
 
 def architecture_of(cfg: JobConfig) -> Architecture:

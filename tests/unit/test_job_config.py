@@ -62,6 +62,30 @@ def write(tmp_path, text: str) -> Path:
          "train.min_replay_coverage: Input should be less than or equal to 1"),
         ("model: {tiny: qwen3_moe}\ntrain: {paired_diagnostics: 1}\n",
          "train.paired_diagnostics: Input should be a valid boolean"),
+        ("model: {tiny: qwen3_moe}\ntrain: {lr_warmup_steps: -1}\n",
+         "train.lr_warmup_steps: Input should be greater than or equal to 0"),
+        ("model: {tiny: qwen3_moe}\ntrain: {lr_decay: step}\n",
+         "train.lr_decay: Input should be 'constant', 'linear' or 'cosine'"),
+        ("model: {tiny: qwen3_moe}\ntrain: {learning_rate: 1.0e-5, min_learning_rate: 2.0e-5}\n",
+         "train.min_learning_rate: Value error, min_learning_rate=2e-05 must be at most learning_rate=1e-05"),
+        ("model: {tiny: qwen3_moe}\ntrain: {min_learning_rate: -1.0}\n",
+         "train.min_learning_rate: Input should be greater than or equal to 0"),
+        ("model: {tiny: qwen3_moe}\ntrain: {weight_decay: -0.1}\n",
+         "train.weight_decay: Input should be greater than or equal to 0"),
+        ("model: {tiny: qwen3_moe}\ntrain: {adam_beta1: 1.0}\n", "train.adam_beta1: Input should be less than 1"),
+        ("model: {tiny: qwen3_moe}\ntrain: {adam_beta2: -0.5}\n",
+         "train.adam_beta2: Input should be greater than or equal to 0"),
+        ("model: {tiny: qwen3_moe}\ntrain: {adam_eps: 0}\n", "train.adam_eps: Input should be greater than 0"),
+        ("model: {tiny: qwen3_moe}\ntrain: {distributed_optimizer: 1}\n",
+         "train.distributed_optimizer: Input should be a valid boolean"),
+        ("model: {tiny: qwen3_moe}\ntrain: {recompute: partial}\n",
+         "train.recompute: Input should be 'none', 'selective' or 'full'"),
+        ("model: {tiny: qwen3_moe}\ntrain: {recompute_layers: 0}\n",
+         "train.recompute_layers: Input should be greater than or equal to 1"),
+        ("model: {tiny: qwen3_moe}\nrollout: {max_prompt_tokens: 0}\n",
+         "rollout.max_prompt_tokens: Input should be greater than or equal to 1"),
+        ("model: {tiny: qwen3_moe}\nrun: {placement: spread}\n",
+         "run.placement: Input should be 'colocate' or 'separate'"),
     ],
 )
 def test_bad_values_name_the_field(tmp_path, text, message):
@@ -84,6 +108,10 @@ def test_bad_values_name_the_field(tmp_path, text, message):
          "train.micro_batch_size=3 must divide the 8 samples of a mini-batch per data-parallel rank"),
         ("rollout: {prompts_per_step: 8, group_size: 4}\ntrain: {mini_batches: 2, micro_batch_size: 3, "
          "parallel: {data: 2}}", "train.micro_batch_size=3 must divide the 8 samples"),
+        ("train: {recompute: full, recompute_layers: 3}",
+         "train.recompute_layers=3 must divide the 2 layers per pipeline stage"),
+        ("run: {gpus: 2, gpu_memory_gib: 0.001}", "trainer memory per GPU: about 0.1 GiB (params 0.0 + grads 0.0 + "
+         "main_params 0.0 + adam 0.0 + activations 0.1 + logits 0.0) exceeds 90% of run.gpu_memory_gib=0.001"),
     ],
 )
 def test_cross_field_problems_are_reported(tmp_path, text, problem):
@@ -98,6 +126,104 @@ def test_a_micro_batch_that_divides_the_mini_batch_share_or_exceeds_it_is_valid(
             f"train: {{mini_batches: 2, micro_batch_size: {micro_batch_size}}}")
     cfg = config.load(write(tmp_path, "model: {tiny: qwen3_moe}\n" + text + "\n"))
     assert config.validate_job(cfg, config.architecture_of(cfg)) == []
+
+
+@pytest.mark.parametrize("text", [
+    "train: {recompute: selective, recompute_layers: 3}",  # recompute_layers only matters with full
+    "train: {recompute: full, recompute_layers: 2}",
+    "train: {distributed_optimizer: true}",  # one data-parallel rank: nothing to shard, allowed
+    "train: {learning_rate: 1.0e-4, min_learning_rate: 1.0e-4, lr_decay: cosine, lr_warmup_steps: 5}",
+])
+def test_optimizer_and_recompute_settings_that_are_valid(tmp_path, text):
+    cfg = config.load(write(tmp_path, "model: {tiny: qwen3_moe}\n" + text + "\n"))
+    assert config.validate_job(cfg, config.architecture_of(cfg)) == []
+
+
+def test_optimizer_recompute_and_placement_defaults(tmp_path):
+    cfg = config.load(write(tmp_path, "model: {tiny: qwen3_moe}\n"))
+    t = cfg.train
+    assert (t.lr_warmup_steps, t.lr_decay, t.min_learning_rate, t.weight_decay) == (0, "constant", 0.0, 0.0)
+    assert (t.adam_beta1, t.adam_beta2, t.adam_eps) == (0.9, 0.999, 1e-8)
+    assert (t.distributed_optimizer, t.recompute, t.recompute_layers) == (False, "none", 1)
+    assert (cfg.rollout.max_prompt_tokens, cfg.run.placement) == (512, "colocate")
+
+
+# Hand-computable: attention 4 x 2 x (2 + 2 + 1 + 1) = 48, router 16 per layer; experts 4 x 3 x 4 x 8 = 384
+# per layer; embeddings 2 x 16 x 4 = 128. Total 1024: 768 expert and 256 dense parameters.
+SMALL = config.Architecture(num_layers=2, hidden_size=4, num_attention_heads=2, num_key_value_heads=1, head_dim=2,
+                            num_experts=4, top_k=2, moe_intermediate_size=8, vocab_size=16)
+
+
+def small_job(train_dtype="bfloat16", **train) -> config.JobConfig:
+    return config.JobConfig(
+        model=config.ModelSection(path="/x", architecture=SMALL, train_dtype=train_dtype),
+        rollout=config.RolloutSection(max_prompt_tokens=3, max_new_tokens=1),
+        train=config.TrainSection(parallel=config.ParallelSection(data=4, expert=2), micro_batch_size=1, **train))
+
+
+@pytest.mark.parametrize(
+    ("train_dtype", "distributed", "expected"),
+    [
+        # per GPU: 256 dense + 768 / EP 2 = 384 expert parameters; the distributed optimizer holds
+        # 256 / DP 4 + 384 / (expert data parallel 4 / 2) = 256 of them
+        ("bfloat16", False, {"params": 640 * 2, "grads": 640 * 4, "main_params": 640 * 4, "adam": 640 * 8}),
+        ("bfloat16", True, {"params": 640 * 2, "grads": 640 * 4, "main_params": 256 * 4, "adam": 256 * 8}),
+        ("float32", False, {"params": 640 * 4, "grads": 640 * 4, "main_params": 0, "adam": 640 * 8}),
+        ("float32", True, {"params": 640 * 4, "grads": 640 * 4, "main_params": 0, "adam": 256 * 8}),
+    ],
+)
+def test_memory_estimate_of_weights_gradients_and_optimizer_state(train_dtype, distributed, expected):
+    assert config.parameter_count(SMALL)[0] == 1024
+    memory = config.memory_estimate(small_job(train_dtype, distributed_optimizer=distributed), SMALL)
+    assert {part: memory[f"{part}_gib"] * 2**30 for part in expected} == expected
+    assert memory["trainer_state_gib"] * 2**30 == sum(expected.values())
+    assert memory["trainer_total_gib"] == (memory["trainer_state_gib"] + memory["activations_gib"]
+                                           + memory["logits_gib"])
+
+
+@pytest.mark.parametrize(
+    ("recompute", "activations"),
+    [
+        # bf16, 1 x 4 tokens: attention 4 x 2 x (3 x 4 + 8 x 4) = 352 and scores 2 x 16 x 6 = 192 per layer, MoE
+        # 4 x 2 x (4 + 2 x (2 x 4 + 4 x 8)) = 672; plus one score buffer 2 x 16 x 2 = 64
+        ("none", 2 * (352 + 192) + 2 * 672 + 64),
+        ("selective", 2 * 352 + 2 * 672 + 192 + 64),
+        ("full", 2 * 4 * 2 * 4 + (352 + 672 + 192) + 64),  # the 2 layers' inputs, one layer recomputed
+    ],
+)
+def test_memory_estimate_of_activations_and_logits(recompute, activations):
+    memory = config.memory_estimate(small_job(recompute=recompute), SMALL)
+    assert memory["activations_gib"] * 2**30 == activations
+    assert memory["logits_gib"] * 2**30 == 4 * 16 * (2 + 12)
+
+
+def test_recompute_shrinks_the_activations():
+    cfg = config.load(next(p for p in CONFIGS if p.name == "qwen3-30b-a3b-r3.yaml"))
+    arch = config.architecture_of(cfg)
+    activations = [config.memory_estimate(cfg.model_copy(update={"train": cfg.train.model_copy(update={
+        "recompute": recompute})}), arch)["activations_gib"] for recompute in ("none", "selective", "full")]
+    assert activations[0] > activations[1] > activations[2]
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.name.startswith("qwen3-30b-a3b")], ids=lambda p: p.name)
+def test_qwen3_30b_a3b_configs_fit_80_gib(path):
+    cfg = config.load(path)
+    arch = config.architecture_of(cfg)
+    assert config.validate_job(cfg, arch) == []
+    memory = config.memory_estimate(cfg, arch)
+    assert cfg.run.gpu_memory_gib == 80 and memory["trainer_total_gib"] <= 0.9 * 80
+    assert (cfg.train.distributed_optimizer, cfg.train.recompute, cfg.model.train_dtype) == (True, "full", "bfloat16")
+
+
+def test_dry_run_prints_the_memory_breakdown(capsys):
+    from routing_replay import cli
+
+    path = next(p for p in CONFIGS if p.name == "qwen3-30b-a3b-r3.yaml")
+    assert cli.main(["train", "--config", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert ("trainer memory per GPU (estimate, GiB): params 9.62, grads 19.24, main_params 7.11, adam 14.22, "
+            "activations 6.75, logits 9.13") in out
+    assert "total 66.07 GiB of run.gpu_memory_gib=80 (limit 90%: 72.0); micro-batch of 1 x 4608 tokens" in out
 
 
 def test_replay_coverage_and_paired_diagnostics_default_to_strict_and_on(tmp_path):
