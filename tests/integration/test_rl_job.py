@@ -115,8 +115,9 @@ def test_short_run_records_every_metric_with_full_replay(job, run_dir):
         for name in ("reward/mean", "reward/std", "response_length/mean", "entropy", "mismatch/k3",
                      "mismatch/beyond_2", "mismatch/beyond_5", "routing/agreement/layer0", "routing/agreement/layer1",
                      "grad_norm/mb0", "grad_norm/mb1", "time/rollout", "time/routing_take", "time/old_logprob",
-                     "time/update", "time/weight_sync", "throughput/tokens_per_s"):
+                     "time/update", "time/weight_sync", "throughput/tokens_per_s", "learning_rate/mb1"):
             assert name in record, name
+        assert record["optimizer/skipped_steps"] == 0 and record["learning_rate/mb0"] == 1e-3  # constant schedule
         for mb in ("mb0", "mb1"):  # both factors and the clip and correction statistics per mini-batch index
             for name in ("mismatch/{}/mean_abs", "staleness/{}/mean_abs", "staleness/{}/k3", "staleness/{}/p99",
                          "staleness/{}/outside_clip", "ratio/{}/k3", "clip_fraction/{}", "correction/{}/weight_mean",
@@ -180,14 +181,17 @@ def test_a_dead_collector_thread_stops_the_job_at_once(job):
 def test_resume_continues_from_the_last_checkpoint(job, run_dir):
     probe = job.tokenizer("What is 3 + 4? The answer is 7").input_ids
     before = job.trainer_logprobs(probe)
+    state = job._ray.get([t.state_digest.remote() for t in job.trainers])  # as of the step-3 checkpoint
     job.close()
     with pytest.raises(driver.JobError, match="already holds a run"):
         driver.Job(job_config(run_dir, steps=4), driver.Options(progress=False))
     resumed = driver.Job(job_config(run_dir, steps=4), driver.Options(resume=True, progress=False))
     try:
         assert resumed.start_step == 3 and resumed.version == "step-3"
+        # New trainer processes: weights, fp32 main params, Adam moments and steps restored bit-exactly.
+        assert resumed._ray.get([t.state_digest.remote() for t in resumed.trainers]) == state
         after = resumed.trainer_logprobs(probe)
-        assert after == before  # weights restored exactly
+        assert after == before
         assert resumed.engines.score(probe)[0] == pytest.approx(after, abs=1e-4)  # and served by the engine
         resumed.run()
     finally:

@@ -38,7 +38,8 @@ def test_wire_imports_with_sglang_megatron_and_ray_blocked():
 
 
 def test_megatron_package_never_imports_sglang_or_ray():
-    code = "import routing_replay.megatron.hf_checkpoint, routing_replay.megatron.logprobs, routing_replay.megatron.parallel"
+    code = ("import routing_replay.megatron.hf_checkpoint, routing_replay.megatron.logprobs, "
+            "routing_replay.megatron.parallel, routing_replay.megatron.learner, routing_replay.megatron.torch_adam_fixes")
     result = import_with_blocked(code.split("import ", 1)[1], ("sglang", "ray"))
     assert result.returncode == 0, result.stderr
 

@@ -63,9 +63,9 @@ def test_checkpoints_commit_atomically_and_keep_the_newest(tmp_path):
         staged = store.staging(step)
         (staged / "trainer-rank0.pt").write_bytes(b"x")
         assert store.latest() is None or store.latest()[1].step == step - 1  # not visible before commit
-        store.commit(staged, RunState(step, seed=0, config_digest="abc"))
+        store.commit(staged, RunState(step, seed=0, config_digest="abc", prompts_drawn=8 * step))
     path, state = store.latest()
-    assert state == RunState(3, 0, "abc") and path.name == "step-000003"
+    assert state == RunState(3, 0, "abc", 24) and path.name == "step-000003"
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == ["step-000002", "step-000003"]
     store.staging(4)  # a crash while writing step 4 leaves step 3 the latest
     assert store.latest()[1].step == 3

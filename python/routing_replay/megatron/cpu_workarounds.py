@@ -15,6 +15,10 @@
   such factory calls to the CPU while a schedule runs (a no-op where there is a GPU).
 - Expert parallelism with the alltoall dispatcher: split sizes reach ``all_to_all_single`` as
   tensors on CPU, which torch's gloo binding rejects; they are turned into lists.
+- megatron-core's optimizers (mixed precision, distributed, gradient clipping) create scalars with
+  ``device="cuda"``, call ``Tensor.cuda()`` and test ``param.type()`` for ``torch.cuda.*Tensor``:
+  their entry points run under ``_CudaOnCpu``, which sends such factory calls to the CPU, makes
+  ``.cuda()`` the identity and reports CPU float tensors under their CUDA type names.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ def apply() -> None:
     _allow_sequence_parallel_torch_norm()
     _all_to_all_with_list_splits()
     _cpu_rng_state_for_recompute()
+    _optimizers_on_cpu()
     _applied = True
 
 
@@ -105,13 +110,57 @@ def _all_to_all_with_list_splits() -> None:
     dist.all_to_all_single = all_to_all_single
 
 
+def _is_cuda(device: object) -> bool:
+    return (isinstance(device, torch.device) and device.type == "cuda") or (
+        isinstance(device, str) and device.startswith("cuda"))
+
+
 class _CudaFactoryCallsToCpu(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        device = kwargs.get("device")
-        if (isinstance(device, torch.device) and device.type == "cuda") or (isinstance(device, str) and device.startswith("cuda")):
+        if _is_cuda(kwargs.get("device")):
             kwargs["device"] = "cpu"
         return func(*args, **kwargs)
+
+
+_CUDA_TYPE_NAMES = {torch.float32: "torch.cuda.FloatTensor", torch.bfloat16: "torch.cuda.BFloat16Tensor",
+                    torch.float16: "torch.cuda.HalfTensor"}
+
+
+class _CudaOnCpu(_CudaFactoryCallsToCpu):
+    """What megatron-core's optimizers need: CUDA factory calls on the CPU, ``.cuda()`` the
+    identity, and ``Tensor.type()`` naming CPU float tensors as CUDA ones (the optimizers sort
+    parameters into fp16/bf16/fp32 groups by that name)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs and args[0].dtype in _CUDA_TYPE_NAMES:
+            return _CUDA_TYPE_NAMES[args[0].dtype]
+        if func is torch.Tensor.cuda:
+            return args[0]
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def _optimizers_on_cpu() -> None:
+    import functools
+
+    from megatron.core.optimizer import distrib_optimizer, optimizer
+
+    def on_cpu(method):
+        @functools.wraps(method)
+        def wrapped(*args, **kwargs):
+            with _CudaOnCpu():
+                return method(*args, **kwargs)
+
+        return wrapped
+
+    # __init__: CUDA scalars and param.type(); step: clip_grads' and the L2 norm's CUDA tensors;
+    # (sharded_)state_dict / load_state_dict: the distributed optimizer's .cuda() buffers.
+    for cls in (optimizer.MegatronOptimizer, optimizer.MixedPrecisionOptimizer,
+                optimizer.Float16OptimizerWithFloat16Params, optimizer.FP32Optimizer,
+                optimizer.ChainedOptimizer, distrib_optimizer.DistributedOptimizer):
+        for name in ("__init__", "step", "sharded_state_dict", "load_state_dict"):
+            if name in vars(cls):
+                setattr(cls, name, on_cpu(vars(cls)[name]))
 
 
 @contextlib.contextmanager

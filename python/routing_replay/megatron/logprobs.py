@@ -67,7 +67,7 @@ class Batch:
 
     def positions(self) -> torch.Tensor:
         """``[B, S]``: position of each token within its own sequence."""
-        index = torch.arange(self.tokens.shape[1]).expand_as(self.tokens)
+        index = torch.arange(self.tokens.shape[1], device=self.tokens.device).expand_as(self.tokens)
         starts = torch.zeros_like(self.tokens)
         for row, offset in self.placements:
             starts[row, offset:] = offset
@@ -76,7 +76,7 @@ class Batch:
     def attention_mask(self) -> torch.Tensor:
         """``[B, 1, S, S]`` bool, True = masked: causal, within one sequence, padding hidden."""
         seq = self.tokens.shape[1]
-        causal = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)
+        causal = torch.triu(torch.ones(seq, seq, dtype=torch.bool, device=self.tokens.device), diagonal=1)
         other = self.segments[:, :, None] != self.segments[:, None, :]
         return (causal[None] | other | ~self.valid[:, None, :])[:, None]
 
@@ -90,11 +90,17 @@ class TokenScores:
     valid: torch.Tensor
     """``[B, S - 1]`` bool: both tokens are real and belong to the same sequence."""
 
+    def to(self, device: torch.device | str) -> TokenScores:
+        return TokenScores(self.logprobs.to(device), self.entropy.to(device), self.valid.to(device))
+
 
 def score(model, batch: Batch, temperature: float = 1.0) -> TokenScores:
     """Runs ``model`` over ``batch`` and scores every next token (grad flows when enabled)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
+    device = next(model.parameters()).device
+    if batch.tokens.device != device:
+        batch = Batch(batch.tokens.to(device), batch.segments.to(device), batch.placements)
     logits = model(batch.tokens, batch.positions(), attention_mask=batch.attention_mask())
     return scores_from_logits(logits[..., : getattr(model, "vocab_size", logits.shape[-1])], batch, temperature)
 

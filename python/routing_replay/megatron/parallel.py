@@ -1,4 +1,5 @@
-"""Process groups for megatron-core from a ParallelConfig (gloo on CPU, NCCL on GPU)."""
+"""Process groups for megatron-core from a ParallelConfig (gloo on CPU, NCCL on GPU), and each
+rank's device: the GPU it was given (a Ray actor sees only its own; under torchrun, LOCAL_RANK's)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ def initialize(parallel: ParallelConfig, *, rank: int = 0, world_size: int = 1, 
     from megatron.core import parallel_state
 
     cpu_workarounds.apply()
+    if torch.cuda.is_available():  # before NCCL starts: its communicator binds to the current device
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if master_port is not None:
@@ -50,3 +53,10 @@ def initialize(parallel: ParallelConfig, *, rank: int = 0, world_size: int = 1, 
         )
     cpu_workarounds.seed_rng(seed)
 
+
+
+def on_local_device(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` moved to this rank's GPU (set by ``initialize``); unchanged without CUDA."""
+    if torch.cuda.is_available():
+        return model.cuda(torch.cuda.current_device())
+    return model

@@ -1,7 +1,8 @@
 """Checkpoints of a run, written atomically: a step's directory is complete or absent.
 
-Layout under ``RUN_DIR/checkpoints``: ``step-000010/`` (``state.json``, ``trainer-rank*.pt``, the
-Hugging Face weights the engines serve in ``hf/``) and ``latest`` (the newest complete step's
+Layout under ``RUN_DIR/checkpoints``: ``step-000010/`` (``state.json``: step, seed, data position;
+``trainer/``: megatron-core dist_checkpointing of every trainer rank's model, optimizer, schedule and
+RNG; ``hf/``: the Hugging Face weights the engines serve) and ``latest`` (the newest complete step's
 name, replaced atomically). A step is written into ``step-000010.tmp`` and renamed when whole.
 """
 
@@ -21,6 +22,9 @@ class RunState:
     seed: int
     config_digest: str
     """The job configuration's digest: resuming under another configuration is refused."""
+    prompts_drawn: int
+    """The data position: prompts sampled so far (step k draws its batch from the seed and k alone,
+    so a resumed run continues with step k + 1's batch)."""
 
 
 class Checkpoints:

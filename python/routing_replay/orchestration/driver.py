@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from routing_replay import config as job_config
+from routing_replay.megatron.learner import OptimizerSettings
 from routing_replay.orchestration.cluster import connect  # first: it configures Ray before ray is imported
 from routing_replay.orchestration import checkpoints as ckpt
 from routing_replay.orchestration.engines import (
@@ -32,6 +33,7 @@ from routing_replay.orchestration.engines import (
     RolloutRequest,
     remote_cause,
 )
+from routing_replay.orchestration.placement import Layout, Placement
 from routing_replay.orchestration.rewards import RewardWorker, score_all
 from routing_replay.orchestration.trainer import ReplayCoverageError, TrainerRank, TrainerSpec
 from routing_replay.rl.advantages import group_normalized
@@ -75,6 +77,7 @@ class Job:
         self.cfg, self.options = cfg, options
         self.run_dir = Path(cfg.run.output_dir)
         self.engines = None
+        self.placement: Placement | None = None
         self.trainers: list = []
         self.rewarders: list = []
         self.checkpoints = ckpt.Checkpoints(self.run_dir, cfg.run.keep_checkpoints)
@@ -189,7 +192,7 @@ class Job:
                 raise JobError(f"--resume: {self.run_dir} has no checkpoint (set run.checkpoint_every)")
             if latest[1].config_digest != self.digest:
                 raise JobError(f"--resume: {latest[0]} was written under another configuration (only train.steps, "
-                               "run.checkpoint_every and run.output_dir may change when resuming)")
+                               "train.parallel.data, run.checkpoint_every and run.output_dir may change when resuming)")
             _truncate_metrics(self.run_dir, latest[1].step)
             return latest
         if (self.run_dir / "metrics.jsonl").exists():
@@ -212,16 +215,21 @@ class Job:
         self._ray = ray
         gpu = 1 if cfg.run.gpus else 0
         world = cfg.train.parallel.data * cfg.train.parallel.tensor * cfg.train.parallel.context
+        self.placement = Placement(Layout(world, cfg.train.parallel.expert, cfg.rollout.engines,
+                                          cfg.rollout.gpus_per_engine if gpu else 0, gpus=bool(gpu),
+                                          strategy=cfg.run.placement))
         trainer_actor = ray.remote(num_cpus=0, num_gpus=gpu)(TrainerRank)
-        self.trainers = [trainer_actor.remote() for _ in range(world)]
+        self.trainers = [trainer_actor.options(scheduling_strategy=self.placement.trainer(r)).remote()
+                         for r in range(world)]
         address, port = ray.get(self.trainers[0].endpoint.remote())
         bind = "tcp://127.0.0.1:*" if address == "127.0.0.1" else f"tcp://{address}:*"
         specs = [TrainerSpec(rank=r, world_size=world, master_port=port, model_path=self.model_path,
                              data_parallel=cfg.train.parallel.data, expert_parallel=cfg.train.parallel.expert,
-                             replay=cfg.train.replay, learning_rate=cfg.train.learning_rate,
+                             replay=cfg.train.replay, optimizer=optimizer_settings(cfg),
                              mini_batches=cfg.train.mini_batches, micro_batch_size=cfg.train.micro_batch_size,
                              clip=Clip(cfg.train.clip_low, cfg.train.clip_high),
-                             correction=Correction(**cfg.train.correction.model_dump()), grad_clip=cfg.train.grad_clip,
+                             correction=Correction(**cfg.train.correction.model_dump()),
+                             recompute=cfg.train.recompute, recompute_layers=cfg.train.recompute_layers,
                              temperature=cfg.rollout.temperature, train_dtype=cfg.model.train_dtype, seed=cfg.run.seed,
                              routing_bind=bind, paired_diagnostics=cfg.train.paired_diagnostics,
                              min_replay_coverage=cfg.train.min_replay_coverage)
@@ -236,7 +244,7 @@ class Job:
         distributed = cfg.rollout.weight_sync == "distributed"
         self.engines = EnginePool(engine_specs, max_restarts=cfg.run.max_engine_restarts,
                                   on_restart=self._rejoin_weight_group if distributed else None,
-                                  before_restart=self._check_trainers)
+                                  before_restart=self._check_trainers, placement=self.placement.engine)
         if distributed:
             self.weight_meta = ray.get([t.weight_metadata.remote() for t in self.trainers])[0]
             self._form_weight_group()
@@ -332,7 +340,8 @@ class Job:
         staged = self.checkpoints.staging(step)
         self._ray.get([t.save_checkpoint.remote(str(staged)) for t in self.trainers]
                       + [t.export_weights.remote(str(staged / "hf")) for t in self.trainers])
-        return self.checkpoints.commit(staged, ckpt.RunState(step, self.cfg.run.seed, self.digest))
+        return self.checkpoints.commit(staged, ckpt.RunState(step, self.cfg.run.seed, self.digest,
+                                                             prompts_drawn=step * self.cfg.rollout.prompts_per_step))
 
     # ---- shutdown ---------------------------------------------------------------------------------
 
@@ -354,6 +363,9 @@ class Job:
         for actor in [*self.trainers, *self.rewarders]:
             ray.kill(actor, no_restart=True)
         self.trainers, self.rewarders = [], []
+        if self.placement is not None:
+            self.placement.release()
+            self.placement = None
         if self._started_ray and ray.is_initialized():
             ray.shutdown()
             self._started_ray = False
@@ -393,6 +405,15 @@ def split_count(total: int, chunk: int) -> list[int]:
     return [min(chunk, total - start) for start in range(0, total, chunk)]
 
 
+def optimizer_settings(cfg: job_config.JobConfig) -> OptimizerSettings:
+    """The trainer's optimizer and schedule; the schedule counts optimizer steps (one per mini-batch)."""
+    t = cfg.train
+    return OptimizerSettings(
+        learning_rate=t.learning_rate, min_learning_rate=t.min_learning_rate, warmup_steps=t.lr_warmup_steps,
+        decay=t.lr_decay, total_steps=t.steps * t.mini_batches, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2, adam_eps=t.adam_eps, grad_clip=t.grad_clip, distributed=t.distributed_optimizer)
+
+
 def _records_routing(cfg: job_config.JobConfig) -> bool:
     """SGLang records and sends routing for R3's replay and for the paired diagnostics."""
     return cfg.train.replay == "R3" or cfg.train.paired_diagnostics
@@ -401,6 +422,7 @@ def _records_routing(cfg: job_config.JobConfig) -> bool:
 def _digest(cfg: job_config.JobConfig) -> str:
     frozen = cfg.model_dump(mode="json")
     frozen["train"].pop("steps")
+    frozen["train"]["parallel"].pop("data")  # megatron-core's checkpoints load at another data-parallel size
     frozen["run"].pop("checkpoint_every")
     frozen["run"].pop("output_dir")
     return hashlib.sha256(repr(sorted(frozen.items())).encode()).hexdigest()[:16]

@@ -158,15 +158,20 @@ class RolloutEngine:
     def leave_weight_group(self, name: str) -> None:
         self._post("/destroy_weights_update_group", {"group_name": name})
 
-    def receive_weights(self, meta, group_name: str, version: str) -> None:
-        """Loads the tensors the trainer broadcasts now; flushes cached prefixes of older weights.
-        SGLang wants updates inside a begin/end session (it restores packed weights first)."""
-        for path, body in (("/begin_weight_update", {}),
-                           ("/update_weights_from_distributed", {
-                               "names": list(meta.names), "dtypes": list(meta.dtypes),
-                               "shapes": [list(s) for s in meta.shapes], "group_name": group_name,
-                               "flush_cache": True, "weight_version": version}),
-                           ("/end_weight_update", {})):
+    def receive_weights(self, meta, group_name: str, version: str, bucket_bytes: int | None = None) -> None:
+        """Loads the tensors the trainer broadcasts now, one ``meta.buckets(bucket_bytes)`` bucket per
+        request (default ``weight_sync.BUCKET_BYTES``, as the trainer sends them); the last one
+        tags the version and flushes cached prefixes of older weights. SGLang wants updates inside
+        a begin/end session (it restores packed weights first)."""
+        from routing_replay.orchestration.weight_sync import BUCKET_BYTES
+
+        buckets = meta.buckets(BUCKET_BYTES if bucket_bytes is None else bucket_bytes)
+        last = len(buckets) - 1
+        updates = [("/update_weights_from_distributed", {
+            "names": list(bucket.names), "dtypes": list(bucket.dtypes), "shapes": [list(s) for s in bucket.shapes],
+            "group_name": group_name, "flush_cache": i == last, "weight_version": version if i == last else None})
+            for i, bucket in enumerate(buckets)]
+        for path, body in (("/begin_weight_update", {}), *updates, ("/end_weight_update", {})):
             out = self._post(path, body)
             if not out.get("success", True):
                 raise RuntimeError(f"engine {self.spec.index}: {path} for weights {version} failed: {out.get('message')}")
@@ -198,14 +203,17 @@ class EnginePool:
 
     def __init__(self, specs: list[EngineSpec], max_restarts: int = 3,
                  on_restart: Callable[[], None] | None = None,
-                 before_restart: Callable[[], None] | None = None) -> None:
+                 before_restart: Callable[[], None] | None = None,
+                 placement: Callable[[int], object] | None = None) -> None:
         """``on_restart`` runs after an engine restarts, before its requests are resent (e.g. to
         bring it the current weights). ``before_restart`` runs when an engine failed, before it is
         restarted; raising stops the rollout (e.g. when the collectors the routing goes to are dead,
-        a restart cannot help)."""
+        a restart cannot help). ``placement`` gives engine i's Ray scheduling strategy (its bundle
+        of the job's placement group; a restarted engine takes the same bundle)."""
         import ray
 
         self._ray = ray
+        self._placement = placement
         self._actor_class = ray.remote(num_cpus=0, max_concurrency=4)(RolloutEngine)
         self.specs = specs
         self.max_restarts = max_restarts
@@ -263,7 +271,8 @@ class EnginePool:
             self.on_restart()
 
     def _new_actor(self, spec: EngineSpec):
-        return self._actor_class.options(num_gpus=spec.gpus).remote(spec)
+        strategy = self._placement(spec.index) if self._placement is not None else None
+        return self._actor_class.options(num_gpus=spec.gpus, scheduling_strategy=strategy).remote(spec)
 
     def update_weights(self, path: str, version: str) -> None:
         self._ray.get([engine.update_weights.remote(path, version) for engine in self.engines])

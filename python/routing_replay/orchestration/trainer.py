@@ -8,7 +8,9 @@ straight to the rank that trains on it.
 
 Per step: ``old_logprobs`` (pi_old; R3 replays the rollout routing, R2 records the trainer's own),
 then ``update`` over N mini-batches of the seed's token-level objective, each in micro-batches with
-the loss normalised by the mini-batch's token count over all data-parallel ranks.
+the loss normalised by the mini-batch's token count over all data-parallel ranks. The optimisation
+itself (megatron-core DDP, optimizer, schedule, checkpoints) is ``megatron.learner.Learner``; each
+rank places its model on its own GPU where there is one (Ray gives the actor one).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from routing_replay.megatron.learner import OptimizerSettings
 from routing_replay.megatron.paired import routing_flips, same_sets
 from routing_replay.rl.corrections import Correction
 from routing_replay.rl.metrics import MiniBatchStats
@@ -40,14 +43,17 @@ class TrainerSpec:
     expert_parallel: int = 1
     replay: str = "R3"
     """none | R2 | R3"""
-    learning_rate: float = 1e-5
+    optimizer: OptimizerSettings = OptimizerSettings(learning_rate=1e-5)
     mini_batches: int = 1
     micro_batch_size: int = 4
     clip: Clip = Clip()
     correction: Correction = Correction()
-    grad_clip: float = 1.0
     temperature: float = 1.0
     train_dtype: str = "float32"
+    recompute: str = "none"
+    """Activation recompute: none | selective (core attention) | full (whole layers)."""
+    recompute_layers: int = 1
+    """With full recompute: layers per recomputed chunk."""
     seed: int = 0
     routing_timeout: float = 120.0
     paired_diagnostics: bool = True
@@ -79,7 +85,8 @@ class TrainerRank:
         from transformers import AutoConfig
 
         from routing_replay.megatron.hf_checkpoint import build_model
-        from routing_replay.megatron.parallel import ParallelConfig, initialize
+        from routing_replay.megatron.learner import Learner, recompute_overrides
+        from routing_replay.megatron.parallel import ParallelConfig, initialize, on_local_device
         from routing_replay.megatron.replay import ModelReplay, RecordedRouting
         from routing_replay.wire import CollectorConfig, RoutingCollector
 
@@ -91,10 +98,12 @@ class TrainerRank:
         parallel = ParallelConfig(expert=spec.expert_parallel)
         initialize(parallel, rank=spec.rank, world_size=spec.world_size, master_port=spec.master_port, seed=spec.seed)
         self.hf_config = AutoConfig.from_pretrained(spec.model_path)
-        self.model = build_model(spec.model_path, parallel, dtype=getattr(torch, spec.train_dtype))
+        self.model = on_local_device(build_model(spec.model_path, parallel, dtype=getattr(torch, spec.train_dtype),
+                                                 **recompute_overrides(spec.recompute, spec.recompute_layers)))
+        self.device = next(self.model.parameters()).device
         self.replay = ModelReplay(self.model)
         self.recorded = RecordedRouting()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=spec.learning_rate, weight_decay=0.0)
+        self.learner = Learner(self.model, spec.optimizer)
         self.collector = RoutingCollector(CollectorConfig(bind=spec.routing_bind))
         self._routing: dict[str, object] = {}
         self._old: dict[str, torch.Tensor] = {}
@@ -116,10 +125,13 @@ class TrainerRank:
 
     def sft(self, batches: Sequence[Sequence[tuple[Sequence[int], Sequence[int]]]], learning_rate: float) -> list[float]:
         """Cross-entropy on the target tokens of (prompt ids, target ids) pairs, one optimizer step
-        per batch, with a separate optimizer (the RL optimizer's state starts fresh after)."""
+        per batch at a constant ``learning_rate``; the RL optimizer and schedule start fresh after."""
+        from dataclasses import replace
+
         from routing_replay.megatron.logprobs import Batch, score
 
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=learning_rate, weight_decay=0.0)
+        self.learner.reset(replace(self.spec.optimizer, learning_rate=learning_rate, min_learning_rate=0.0,
+                                   warmup_steps=0, decay="constant"))
         losses = []
         for pairs in batches:
             sequences = [[*prompt, *target] for prompt, target in pairs]
@@ -128,12 +140,12 @@ class TrainerRank:
             for row, (prompt, target) in enumerate(pairs):
                 mask[row, len(prompt) - 1 : len(prompt) - 1 + len(target)] = True
             logprobs = score(self.model, batch).logprobs
-            loss = self._global_token_mean(-(logprobs * mask).sum(), int(mask.sum()))
-            optimizer.zero_grad(set_to_none=True)
+            loss = self._global_token_mean(-(logprobs * mask.to(self.device)).sum(), int(mask.sum()))
+            self.learner.zero_grad()
             loss.backward()
-            self._reduce_gradients()
-            optimizer.step()
+            self.learner.step()
             losses.append(float(loss.detach()))
+        self.learner.reset(self.spec.optimizer)
         return losses
 
     # ---- the RL step --------------------------------------------------------------------------------
@@ -169,20 +181,22 @@ class TrainerRank:
         stats = StepStats()
         for index, mini in enumerate(self._mini_batches(samples)):
             tokens = self._global_count(sum(len(s.response_ids) for s in mini))
-            self.optimizer.zero_grad(set_to_none=True)
+            self.learner.zero_grad()
             for micro in self._micro_batches(mini):
                 batch, mask, mu = self._tensors(micro)
-                old = torch.zeros_like(mu)
+                old = torch.zeros(mu.shape)
                 for row, sample in enumerate(micro):
                     old[row, : len(sample.token_ids) - 1] = self._old[sample.key]
-                adv = torch.tensor([s.advantage for s in micro], dtype=torch.float32)
+                old = old.to(self.device)
+                adv = torch.tensor([s.advantage for s in micro], dtype=torch.float32, device=self.device)
                 mini_stats, agreeing, compared = self._update_forward(micro, batch, lambda scores: loss_and_metrics(
                     scores.logprobs, old, mu, adv, mask, self.spec.clip, self.spec.correction, tokens))
                 stats.add_mini_batch(index, mini_stats)
                 stats.add_share(f"replay/agreement/mb{index}", agreeing, compared)
-            self._reduce_gradients()
-            stats.maxima[f"grad_norm/mb{index}"] = self._clip_gradients()  # global: equal on every rank
-            self.optimizer.step()
+            result = self.learner.step()
+            stats.maxima[f"grad_norm/mb{index}"] = result.grad_norm  # global: equal on every rank
+            stats.maxima[f"learning_rate/mb{index}"] = result.learning_rate
+            stats.add_total("optimizer/skipped_steps", int(not result.updated))
         self._routing, self._old = {}, {}
         self.recorded.clear()
         stats.maxima["time/update"] = time.perf_counter() - started
@@ -210,11 +224,11 @@ class TrainerRank:
         return str(out)
 
     def weight_metadata(self):
-        """Names, dtypes and shapes of the Hugging Face tensors a broadcast sends (collective)."""
-        from routing_replay.megatron.hf_checkpoint import export_hf
+        """Names, dtypes and shapes of the Hugging Face tensors a broadcast sends, in its order (from
+        the parameters' global shapes: nothing is gathered)."""
         from routing_replay.orchestration.weight_sync import TensorMeta
 
-        return TensorMeta.of(export_hf(self.model, self.hf_config))
+        return TensorMeta.of_model(self.model, self.hf_config)
 
     def open_weight_group(self, group) -> None:
         """Rank 0 joins the engines' weight-broadcast group (blocks until they have too)."""
@@ -225,13 +239,11 @@ class TrainerRank:
             self._weight_group = open_group(group)
 
     def broadcast_weights(self, meta) -> None:
-        """Exports the weights (collective) and rank 0 broadcasts them to the engines."""
-        from routing_replay.megatron.hf_checkpoint import export_hf
-        from routing_replay.orchestration.weight_sync import broadcast
+        """Streams the weights to rank 0 bucket by bucket (collective), which broadcasts each
+        bucket to the engines as it arrives."""
+        from routing_replay.orchestration.weight_sync import broadcast_model
 
-        named = export_hf(self.model, self.hf_config)
-        if self.spec.rank == 0:
-            broadcast(named, meta, self._weight_group)
+        broadcast_model(self.model, self.hf_config, meta, getattr(self, "_weight_group", None))
 
     def close_weight_group(self) -> None:
         group, self._weight_group = getattr(self, "_weight_group", None), None
@@ -239,15 +251,19 @@ class TrainerRank:
             dist.destroy_process_group(group)
 
     def save_checkpoint(self, directory: str) -> None:
-        path = Path(directory) / f"trainer-rank{self.spec.rank}.pt"
-        tmp = path.with_suffix(".tmp")
-        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}, tmp)
-        tmp.replace(path)
+        """Model, optimizer, schedule and RNG (collective; megatron-core dist_checkpointing under
+        ``directory/trainer``: each rank writes its shards, the driver commits the directory)."""
+        self.learner.save(Path(directory) / "trainer")
 
     def load_checkpoint(self, directory: str) -> None:
-        state = torch.load(Path(directory) / f"trainer-rank{self.spec.rank}.pt", weights_only=True)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.learner.load(Path(directory) / "trainer")
+
+    def state_digest(self) -> dict[str, str]:
+        """SHA-256 of this rank's weights, fp32 main params, Adam moments and the optimizer step:
+        what a bit-exact resume must reproduce."""
+        from routing_replay.megatron.learner import state_digest
+
+        return state_digest(self.learner)
 
     def close(self) -> None:
         self.close_weight_group()
@@ -261,12 +277,15 @@ class TrainerRank:
         size = self.spec.micro_batch_size
         return [list(samples[i : i + size]) for i in range(0, len(samples), size)]
 
-    def _tensors(self, micro: Sequence[Sample]):
+    def _tensors(self, micro: Sequence[Sample], device: torch.device | str | None = None):
+        """The micro-batch's tokens, response mask and rollout log-probs (mask and log-probs on
+        ``device``, default the model's)."""
         from routing_replay.megatron.logprobs import Batch
 
         batch = Batch.from_sequences([s.token_ids for s in micro])
         mask, mu = response_tensors(micro, batch.tokens.shape[1] - 1)
-        return batch, mask, mu
+        device = self.device if device is None else device
+        return batch, mask.to(device), mu.to(device)
 
     def _wants_rollout_routing(self) -> bool:
         return self.spec.replay == "R3" or self.spec.paired_diagnostics
@@ -284,18 +303,19 @@ class TrainerRank:
         from routing_replay.megatron.replay import rollout_indices_from_wire
         from routing_replay.rl.metrics import RatioStats
 
-        batch, mask, mu = self._tensors(micro)
+        batch, mask, mu = self._tensors(micro, "cpu")  # pi_old and its statistics live on the CPU
         keys = [s.key for s in micro]
         own = rollout = None
         if self.spec.replay != "R3" or self.spec.paired_diagnostics:
             with self.replay.recording() as own_topk:
-                own = score(self.model, batch, self.spec.temperature)
+                own = score(self.model, batch, self.spec.temperature).to("cpu")
+            own_topk = [indices.cpu() for indices in own_topk]
             self.recorded.add(keys, own_topk, [len(s.token_ids) for s in micro])
         if self._wants_rollout_routing():
             indices, masks = rollout_indices_from_wire([self._routing[k] for k in keys], batch.tokens.shape[1])
             self._count_coverage(micro, batch, masks, stats)
             with self.replay.replaying(indices, masks):
-                rollout = score(self.model, batch, self.spec.temperature)
+                rollout = score(self.model, batch, self.spec.temperature).to("cpu")
             _add_routing_report(self.replay.report(), stats)
         used = rollout if self.spec.replay == "R3" else own
         for row, sample in enumerate(micro):
@@ -343,62 +363,20 @@ class TrainerRank:
         if replaying:
             report = self.replay.report()
             return mini_stats, sum(report.agreeing), sum(report.replayed)
-        same = [same_sets(o, h)[m] for o, h, m in zip(own, held, masks, strict=True)]
+        same = [same_sets(o.cpu(), h)[m] for o, h, m in zip(own, held, masks, strict=True)]
         return mini_stats, sum(int(x.sum()) for x in same), sum(x.numel() for x in same)
 
     def _global_count(self, count: int) -> int:
         if self.spec.data_parallel == 1:
             return count
-        total = torch.tensor([count], dtype=torch.int64)
-        dist.all_reduce(total, group=self._dp_group())
+        from megatron.core import parallel_state as ps
+
+        total = torch.tensor([count], dtype=torch.int64, device=self.device)  # NCCL reduces device tensors
+        dist.all_reduce(total, group=ps.get_data_parallel_group())
         return int(total)
 
     def _global_token_mean(self, total: torch.Tensor, count: int) -> torch.Tensor:
         return total / max(self._global_count(count), 1)
-
-    def _reduce_gradients(self) -> None:
-        """Sum gradients over data-parallel ranks (the loss is already a global token mean): dense
-        parameters over the data-parallel group, experts over the expert-data-parallel group."""
-        if self.spec.world_size == 1:
-            return
-        from megatron.core import parallel_state as ps
-
-        for param in self.model.parameters():
-            if param.grad is None:
-                continue
-            expert = not getattr(param, "allreduce", True)
-            group = ps.get_expert_data_parallel_group() if expert else self._dp_group()
-            if dist.get_world_size(group) > 1:
-                dist.all_reduce(param.grad, group=group)
-
-    def _clip_gradients(self) -> float:
-        """Clips to ``grad_clip`` by the global norm: dense gradients are equal on every rank after
-        the reduction, expert gradients differ per expert-parallel rank and are summed over them."""
-        dense, expert = torch.zeros(()), torch.zeros(())
-        for param in self.model.parameters():
-            if param.grad is not None:
-                squared = param.grad.detach().float().pow(2).sum()
-                if getattr(param, "allreduce", True):
-                    dense += squared
-                else:
-                    expert += squared
-        if self.spec.expert_parallel > 1:
-            from megatron.core import parallel_state as ps
-
-            dist.all_reduce(expert, group=ps.get_expert_model_parallel_group())
-        norm = float((dense + expert).sqrt())
-        scale = self.spec.grad_clip / (norm + 1e-6)
-        if scale < 1:
-            for param in self.model.parameters():
-                if param.grad is not None:
-                    param.grad.mul_(scale)
-        return norm
-
-    @staticmethod
-    def _dp_group():
-        from megatron.core import parallel_state as ps
-
-        return ps.get_data_parallel_group()
 
 
 class ReplayCoverageError(RuntimeError):

@@ -84,7 +84,7 @@ class RatioStats:
                        bounds: Mapping[str, tuple[float, float]] = {}) -> RatioStats:
         """``log_ratio`` and ``mask`` of one shape; ``bounds`` name intervals [lower, upper] on r
         (a lower bound <= 0 is no lower bound)."""
-        log_r = log_ratio.detach().to(torch.float64)[mask.bool()]
+        log_r = log_ratio.detach().to("cpu", torch.float64)[mask.bool().cpu()]  # statistics on the CPU
         magnitude = log_r.abs()
 
         def outside(lower: float, upper: float) -> int:
