@@ -151,3 +151,30 @@ def test_activation_recompute_gives_the_same_update(tiny, mode):
     assert norms[True] == pytest.approx(norms[False], rel=1e-6)
     for name, tensor in updated[False].items():
         assert torch.allclose(updated[True][name], tensor, atol=1e-7), name
+
+
+@pytest.mark.parametrize("distributed", [False, True])
+def test_reset_starts_a_fresh_optimizer_from_the_current_weights(tiny, distributed):
+    """The supervised warm start and the RL run get their own optimizer: a reset keeps what the
+    first one trained (its main params are not copied back over the weights) and starts at step 0."""
+    from routing_replay.megatron.hf_checkpoint import build_model
+    from routing_replay.megatron.learner import Learner, OptimizerSettings
+    from routing_replay.megatron.parallel import ParallelConfig, initialize
+    from tests.integration.learner_ranks import loss_of
+
+    initialize(ParallelConfig())
+    model = build_model(tiny, dtype=torch.bfloat16)
+    learner = Learner(model, OptimizerSettings(learning_rate=1e-2, distributed=distributed))
+
+    def train_once() -> None:
+        learner.zero_grad()
+        loss_of(model, 0)[0].backward()
+        assert learner.step().updated
+
+    train_once()
+    trained = {name: p.detach().clone() for name, p in model.named_parameters()}
+    learner.reset(OptimizerSettings(learning_rate=1e-9, distributed=distributed))
+    assert learner.steps_taken == 0 and learner.learning_rate == 1e-9
+    train_once()
+    for name, param in model.named_parameters():  # a 1e-9 step from the trained weights, not a revert
+        assert torch.allclose(param.float(), trained[name].float(), atol=1e-6), name
