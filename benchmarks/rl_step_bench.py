@@ -1,11 +1,14 @@
 """Wall time of an RL step by phase, for routing replay none / R2 / R3, side by side in one run.
 
 Three jobs of the CPU default configuration (no SFT warm start) run at once on one local Ray, each
-with its own SGLang engine and Megatron trainer rank; every repetition steps them in a shuffled
-order. Reported per mode: median seconds of rollout, routing transfer (the trainer's wait for the
-routing of the batch, after the rollout), old-logprob, update and weight sync. The cost of R3 is
-its routing transfer plus the replay's extra old-logprob + update time over ``none``; goal: <= 3%
-of the step.
+with its own SGLang engine and Megatron trainer rank (megatron-core DDP + optimizer: the
+``Learner``); every repetition steps them in a shuffled order. Reported per mode: median seconds
+of rollout, routing transfer (the trainer's wait for the routing of the batch, after the rollout),
+old-logprob, update and weight sync. The cost of R3 is its routing transfer plus the replay's
+extra old-logprob + update time over ``none``; goal: <= 3% of the step. After the repetitions each
+job's trainer rank reports its peak RSS (the Ray worker process: imports included;
+``benchmarks/learner_bench.py`` measures it net of imports at the shape ``memory_estimate`` plans
+for).
 
     python benchmarks/rl_step_bench.py [--reps 8] [--out benchmarks/results/rl-step-cpu.md]
     python benchmarks/rl_step_bench.py --smoke
@@ -62,6 +65,7 @@ def main() -> None:
                                      driver.Options(progress=False)) for mode in MODES}
     jobs = {mode: future.result() for mode, future in started.items()}
     times: dict[str, dict[str, list[float]]] = {m: {p: [] for p in PHASES} for m in MODES}
+    peaks: dict[str, list[int]] = {}
     try:
         order = random.Random(0)
         for rep in range(reps + 1):  # the first repetition warms up and is not counted
@@ -70,17 +74,21 @@ def main() -> None:
                 if rep:
                     for phase in PHASES:
                         times[mode][phase].append(metrics.get(phase, 0.0))
+        for mode, job in jobs.items():  # each trainer rank's own process (Linux reports KiB)
+            peaks[mode] = ray.get([rank.__ray_call__.remote(
+                lambda _rank: __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss * 1024)
+                for rank in job.trainers])
     finally:
         for job in jobs.values():
             job.close()
         ray.shutdown()
-    report = render(times, base, args)
+    report = render(times, peaks, base, args)
     print(report)
     if args.out:
         args.out.write_text(report)
 
 
-def render(times, base: config.JobConfig, args) -> str:
+def render(times, peaks, base: config.JobConfig, args) -> str:
     median = {m: {p: statistics.median(v) if v else 0.0 for p, v in times[m].items()} for m in MODES}
     compute = {m: median[m]["time/old_logprob"] + median[m]["time/update"] for m in MODES}
     r = base.rollout
@@ -91,12 +99,14 @@ def render(times, base: config.JobConfig, args) -> str:
         f"Config: {args.config.name} ({r.prompts_per_step if not args.smoke else 2} prompts x "
         f"{r.group_size if not args.smoke else 2} responses, {base.train.mini_batches} mini-batches), "
         f"{'smoke' if args.smoke else f'{args.reps} repetitions'}, modes in shuffled order each repetition.",
+        f"Trainer: megatron-core DistributedDataParallel + `get_megatron_optimizer` (Adam), train dtype "
+        f"{base.model.train_dtype}.",
         "",
-        "| mode | rollout s | routing transfer s | old-logprob s | update s | weight sync s | step s |",
-        "|---|---|---|---|---|---|---|",
+        "| mode | rollout s | routing transfer s | old-logprob s | update s | weight sync s | step s | trainer rank peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for m in MODES:
-        row = [f"{median[m][p]:.4f}" for p in PHASES]
+        row = [f"{median[m][p]:.4f}" for p in PHASES] + [" / ".join(f"{b / 2**20:.0f}" for b in peaks.get(m, []))]
         lines.append(f"| {m} | " + " | ".join(row) + " |")
     lines.append("")
     for m in ("R2", "R3"):
