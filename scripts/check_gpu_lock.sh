@@ -7,7 +7,11 @@
 #      (uv pip compile --no-deps --only-binary :all:, the lock as input);
 #   2. closure: resolving requirements/top-level-gpu.txt with all dependencies, constrained to the
 #      lock (-c), needs exactly the lock: no package outside it, none in it unused, no conflict;
-#   3. the lock's sglang is the CPU lock's (the two stacks run the same SGLang).
+#   3. the lock's sglang is the CPU lock's (the two stacks run the same SGLang);
+#   4. the project's extras: resolving pyproject.toml's ".[all,test]" with all dependencies,
+#      constrained to the lock, needs nothing outside it, i.e. what setup.sh runs on a GPU node,
+#      `pip install --no-build-isolation -e ".[all,test]" -c requirements/lock-gpu.txt`, installs
+#      nothing the lock does not pin (the lock's only other pins are the build tools).
 #
 # Reads only the index and wheel metadata (uv's range requests: no wheel is downloaded), with a
 # fresh cache each run; a few seconds. Needs the package registry and fails loudly when it cannot
@@ -89,22 +93,28 @@ locked=$(pins < "$LOCK")
 not_pins=$(grep -E '^[A-Za-z0-9]' "$LOCK" | grep -vE '^[A-Za-z0-9][A-Za-z0-9._-]*(\[[^]]*\])?==[^ ;#]+' || true)
 [ -z "$not_pins" ] || fail "$LOCK: not exact pins (name==version): $(tr '\n' ' ' <<<"$not_pins")"
 
-say "1/3 every pin of $LOCK ($(wc -l <<<"$locked") packages) has a wheel for $PLATFORM / cp311"
+say "1/4 every pin of $LOCK ($(wc -l <<<"$locked") packages) has a wheel for $PLATFORM / cp311"
 wheels=$(compile "wheels" --no-deps "$LOCK" | pins)
 changed=$(comm -13 <(printf '%s\n' "$locked") <(printf '%s\n' "$wheels"))
 [ -z "$changed" ] || fail "wheels: uv resolved pins that differ from the lock: $(tr '\n' ' ' <<<"$changed")"
 
-say "2/3 resolving $TOP with all dependencies, constrained to the lock, needs exactly the lock"
+say "2/4 resolving $TOP with all dependencies, constrained to the lock, needs exactly the lock"
 closure=$(compile "closure" "$TOP" -c "$LOCK" | pins)
 missing=$(comm -13 <(printf '%s\n' "$locked") <(printf '%s\n' "$closure"))
 unused=$(comm -23 <(printf '%s\n' "$locked") <(printf '%s\n' "$closure"))
 [ -z "$missing" ] || fail "closure: needed but not pinned in $LOCK: $(tr '\n' ' ' <<<"$missing")(re-run scripts/lock.sh gpu)"
 [ -z "$unused" ] || fail "closure: pinned in $LOCK but required by nothing: $(tr '\n' ' ' <<<"$unused")(re-run scripts/lock.sh gpu)"
 
-say "3/3 the same sglang as requirements/lock-cpu.txt"
+say "3/4 the same sglang as requirements/lock-cpu.txt"
 gpu_sglang=$(grep -m1 '^sglang==' <<<"$locked" || true)
 cpu_sglang=$(pins < requirements/lock-cpu.txt | grep -m1 '^sglang==' || true)
 [ -n "$gpu_sglang" ] && [ "$gpu_sglang" = "$cpu_sglang" ] \
   || fail "package sglang: $LOCK has '${gpu_sglang:-none}', lock-cpu.txt has '${cpu_sglang:-none}'"
 
-say "ok: $(wc -l <<<"$locked") pins ($(grep -E '^(sglang|torch|sglang-kernel|flashinfer-python|megatron-core)==' <<<"$locked" | tr '\n' ' '| sed 's/ $//')) in $((SECONDS - START))s"
+say "4/4 pyproject.toml's .[all,test] resolves inside the lock"
+extras=$(compile "extras" pyproject.toml --extra all --extra test -c "$LOCK" | pins)
+outside=$(comm -13 <(printf '%s\n' "$locked") <(printf '%s\n' "$extras"))
+[ -z "$outside" ] || fail "extras: .[all,test] needs packages (or versions) not pinned in $LOCK: $(tr '\n' ' ' <<<"$outside")(add them to requirements/top-level.txt and re-run scripts/lock.sh)"
+not_used=$(comm -23 <(printf '%s\n' "$locked") <(printf '%s\n' "$extras") | tr '\n' ' ')
+
+say "ok: $(wc -l <<<"$locked") pins ($(grep -E '^(sglang|torch|sglang-kernel|flashinfer-python|megatron-core)==' <<<"$locked" | tr '\n' ' '| sed 's/ $//')) in $((SECONDS - START))s; .[all,test] needs all but: ${not_used% }"

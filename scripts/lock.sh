@@ -29,7 +29,8 @@ if [ "$WHAT" != gpu ]; then
   $PIP --no-deps sglang==0.5.23 torchvision==0.28.0
   $PIP -r "$ROOT/requirements/sglang-cpu-deps.txt" -r "$ROOT/requirements/top-level.txt" \
     -r "$ROOT/requirements/torch.txt"
-  "$SCRATCH/venv/bin/pip" freeze | grep -v '^torch==' > "$ROOT/requirements/lock-cpu.txt"
+  # --all: setuptools too (tensorboard requires it; plain freeze leaves it out); not pip itself.
+  "$SCRATCH/venv/bin/pip" freeze --all | grep -v -E '^(torch|pip)==' > "$ROOT/requirements/lock-cpu.txt"
   echo "wrote requirements/lock-cpu.txt ($(wc -l < "$ROOT/requirements/lock-cpu.txt") packages)"
 fi
 

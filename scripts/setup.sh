@@ -1,6 +1,17 @@
 #!/usr/bin/env bash
 # Creates the project's virtual environment with the pinned, tested stack (torch, sglang,
-# megatron-core, ray, pyzmq, pybind11, ...) and builds the native extension into it.
+# megatron-core, ray, pyzmq, pybind11, ...) and installs the project into it with its extras,
+# the stack's lock as pip constraints, building the native extension:
+#
+#   gpu  pip install --no-deps --only-binary=:all: -r requirements/lock-gpu.txt; pip check
+#        pip install --no-build-isolation -e ".[all,test]" -c requirements/lock-gpu.txt
+#   cpu  pip install -r requirements/torch.txt
+#        pip install --no-deps -r requirements/lock-cpu.txt      (sglang: its metadata asks for CUDA)
+#        python cpu_workarounds/apply.py                          (where no GPU is found)
+#        pip install --no-build-isolation -e ".[train,wandb,test]" -c requirements/lock-cpu.txt
+#
+# (the last command with --config-settings=cmake.args=-DROUTING_REPLAY_REQUIRE_CUDA=ON|OFF); then it
+# checks that this last install added nothing outside the lock and that every package imports.
 #
 # Two stacks (requirements/README.md):
 #   cpu  torch.txt + lock-cpu.txt (CPU torch, a stub sgl_kernel; cpu_workarounds/ applied where
@@ -57,19 +68,33 @@ else
 fi
 # What each stack installs: its hash covers these files, the stack's name, whether the CPU
 # workarounds apply, and STACK_RECIPE (bump it when the install steps below change).
-STACK_RECIPE=2
+# EXTRAS: what the project is installed with, against LOCK as constraints (on CPU, not [serve]:
+# sglang 0.5.23's metadata pins torch 2.14.1 and CUDA-only packages, so the CPU lock holds sglang
+# installed --no-deps instead; requirements/README.md).
+STACK_RECIPE=3
 case "$STACK" in
   cpu)
     STACK_FILES="requirements/torch.txt requirements/lock-cpu.txt cpu_workarounds/apply.py cpu_workarounds/sgl_kernel/__init__.py"
+    LOCK=requirements/lock-cpu.txt
+    EXTRAS=train,wandb,test
     WORKAROUNDS=$([ $GPU_PRESENT = 1 ] && echo no || echo yes) ;;
   gpu)
     STACK_FILES="requirements/lock-gpu.txt"
+    LOCK=requirements/lock-gpu.txt
+    EXTRAS=all,test
     WORKAROUNDS=no ;;
   *) echo "[setup] ROUTING_REPLAY_STACK must be cpu or gpu, not '$STACK'" >&2; exit 2 ;;
 esac
 # shellcheck disable=SC2086  # STACK_FILES is a list of paths without spaces
 STACK_HASH=$( { printf 'recipe %s stack %s cpu-workarounds %s\n' "$STACK_RECIPE" "$STACK" "$WORKAROUNDS"
                 (cd "$ROOT" && cat $STACK_FILES); } | sha256sum | cut -d' ' -f1)
+
+STACK_IMPORTS="torch, sglang, megatron.core, ray, zmq, pybind11, wandb, pyarrow, math_verify"
+CMAKE_ARGS="-DROUTING_REPLAY_REQUIRE_CUDA=OFF"
+[ "${ROUTING_REPLAY_REQUIRE_CUDA:-0}" = "1" ] && CMAKE_ARGS="-DROUTING_REPLAY_REQUIRE_CUDA=ON"
+# The project install's inputs: the build's, the stack (its hash), the extras and CMAKE_ARGS.
+BUILD_HASH=$( { hash_of CMakeLists.txt pyproject.toml $(cd "$ROOT" && find cpp -type f | sort)
+                printf 'stack %s extras %s cmake %s\n' "$STACK_HASH" "$EXTRAS" "$CMAKE_ARGS"; } | sha256sum | cut -d' ' -f1)
 
 if [ "${ROUTING_REPLAY_SETUP_DRY_RUN:-0}" = "1" ]; then
   log "dry run: nothing is changed"
@@ -85,17 +110,23 @@ if [ "${ROUTING_REPLAY_SETUP_DRY_RUN:-0}" = "1" ]; then
       log "  pip install -r requirements/torch.txt   # $(grep -E '^[A-Za-z]' "$ROOT/requirements/torch.txt" | tr '\n' ' ')"
       log "  pip install --no-deps -r requirements/lock-cpu.txt   # $(grep -cE '^[A-Za-z]' "$ROOT/requirements/lock-cpu.txt") pins"
       log "  cpu_workarounds/apply.py: $WORKAROUNDS"
-      log "  check: import torch, sglang, megatron.core, ray, zmq, pybind11"
+      log "  check: import $STACK_IMPORTS"
     else
       log "  pip install --no-deps --only-binary=:all: -r requirements/lock-gpu.txt   # $(grep -cE '^[A-Za-z]' "$ROOT/requirements/lock-gpu.txt") pins, then pip check"
       for p in sglang torch sglang-kernel flashinfer-python megatron-core ray; do
         log "    $(grep -m1 -E "^$p==" "$ROOT/requirements/lock-gpu.txt")"
       done
       log "  cpu_workarounds/apply.py: no"
-      log "  check: import torch, sglang, megatron.core, ray, zmq, pybind11; torch.cuda.is_available(); import sgl_kernel"
+      log "  check: import $STACK_IMPORTS; torch.cuda.is_available(); import sgl_kernel"
     fi
   fi
-  log "then the native extension build stage, as usual"
+  if stage_done build "$BUILD_HASH"; then
+    log "project install up to date"
+  else
+    log "would install the project (building the native extension):"
+    log "  pip install --no-build-isolation -e \".[$EXTRAS]\" -c $LOCK   # cmake.args=$CMAKE_ARGS"
+    log "  check: nothing installed outside the lock; import every routing_replay package"
+  fi
   exit 0
 fi
 
@@ -132,7 +163,7 @@ if ! stage_done stack "$STACK_HASH"; then
     check_out=$("$VENV/bin/python" -m pip check --disable-pip-version-check 2>&1) \
       || { printf '%s\n' "$check_out" >&2; echo "[setup] the GPU stack's requirements are not all met (pip check above)" >&2; exit 1; }
   fi
-  "$VENV/bin/python" -c "import torch, sglang, megatron.core, ray, zmq, pybind11" \
+  "$VENV/bin/python" -c "import $STACK_IMPORTS" \
     || { echo "[setup] the stack does not import" >&2; exit 1; }
   if [ "$STACK" = gpu ]; then
     "$VENV/bin/python" - <<'PY' || { echo "[setup] the GPU stack cannot use the GPU (see above)" >&2; exit 1; }
@@ -150,16 +181,37 @@ PY
   rm -f "$STAMPS/build"  # a new torch or toolchain means a fresh build
 fi
 
-BUILD_HASH=$(hash_of CMakeLists.txt pyproject.toml $(cd "$ROOT" && find cpp -type f | sort))${ROUTING_REPLAY_REQUIRE_CUDA:-0}
 if ! stage_done build "$BUILD_HASH" || ! "$VENV/bin/python" -c "import routing_replay.capture" 2>/dev/null; then
-  log "building the native extension"
-  cmake_args="-DROUTING_REPLAY_REQUIRE_CUDA=${ROUTING_REPLAY_REQUIRE_CUDA:-OFF}"
-  [ "${ROUTING_REPLAY_REQUIRE_CUDA:-0}" = "1" ] && cmake_args="-DROUTING_REPLAY_REQUIRE_CUDA=ON"
+  log "installing the project: -e .[$EXTRAS] -c $LOCK (building the native extension)"
   # nvcc may sit outside PATH in the usual toolkit location.
   if ! command -v nvcc >/dev/null 2>&1 && [ -x /usr/local/cuda/bin/nvcc ]; then export PATH="/usr/local/cuda/bin:$PATH"; fi
-  (cd "$ROOT" && pip_quiet --no-deps --no-build-isolation --config-settings=cmake.args="$cmake_args" -e .)
-  "$VENV/bin/python" -c "import routing_replay.capture" \
-    || { echo "[setup] routing_replay.capture does not import after the build" >&2; exit 1; }
+  # Everything the extras need is already installed from the lock: pip resolves them against it
+  # (the lock as constraints) and installs nothing more, which the freeze comparison checks.
+  # --no-build-isolation: the build uses the locked torch, pybind11, scikit-build-core, cmake, ninja.
+  freeze() { "$VENV/bin/python" -m pip freeze --all --disable-pip-version-check --exclude routing-replay 2>/dev/null | LC_ALL=C sort; }
+  before=$(freeze)
+  [ -n "$before" ] || { echo "[setup] pip freeze listed nothing in $VENV" >&2; exit 1; }
+  (cd "$ROOT" && pip_quiet --no-build-isolation --config-settings=cmake.args="$CMAKE_ARGS" \
+     -e ".[$EXTRAS]" -c "$LOCK")
+  added=$(comm -13 <(printf '%s\n' "$before") <(freeze))
+  if [ -n "$added" ]; then
+    echo "[setup] pip install -e \".[$EXTRAS]\" -c $LOCK installed what the lock install had not:" >&2
+    printf '  %s\n' $added >&2
+    echo "[setup] every requirement of the extras must be in $LOCK (add it to requirements/top-level.txt," >&2
+    echo "[setup] re-run scripts/lock.sh); or the venv lacks a locked package (rm -rf $VENV and set up anew)" >&2
+    exit 1
+  fi
+  "$VENV/bin/python" - <<'PY' || { echo "[setup] the project does not import after its install (above)" >&2; exit 1; }
+# Every module of the project imports (its extras are installed); not the native modules themselves.
+import importlib, pkgutil, time
+import routing_replay
+start = time.monotonic()
+names = [m.name for m in pkgutil.walk_packages(routing_replay.__path__, "routing_replay.")
+         if not m.name.rsplit(".", 1)[-1].startswith("_")]
+for name in names:
+    importlib.import_module(name)
+print(f"[setup] all {len(names)} routing_replay modules import ({time.monotonic() - start:.1f}s)")
+PY
   mark_done build "$BUILD_HASH"
 fi
 
