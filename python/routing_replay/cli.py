@@ -18,9 +18,17 @@ def _train(args: argparse.Namespace) -> int:
     from routing_replay import config
 
     try:
-        cfg = config.load(args.config)
+        cfg = config.load(args.config, overrides=getattr(args, "overrides", None) or ())
         if getattr(args, "output_dir", None) is not None:
             cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": str(args.output_dir)})})
+        if getattr(args, "print_config", False):
+            overrides = getattr(args, "overrides", None) or ()
+            command = " ".join([str(args.config), *(f"--set {text}" for text in overrides)])
+            # escaped: a newline in a path or a value would end the comment
+            print(f"# {command.encode('unicode_escape').decode()}: the resolved configuration (extends and --set "
+                  "applied, defaults included)")
+            print(config.to_yaml(cfg), end="")
+            return 0
         arch = config.architecture_of(cfg)
     except config.ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
@@ -182,9 +190,20 @@ def build_parser() -> argparse.ArgumentParser:
         "Megatron trainer ranks with their routing collectors and the reward workers, warm-starts with SFT if "
         "configured, and runs train.steps RL steps. Metrics go to RUN_DIR/metrics.jsonl and TensorBoard, "
         "checkpoints to RUN_DIR/checkpoints (run.checkpoint_every). Exit codes: 0 done, 1 job error, 2 bad "
-        "configuration (one line naming the file and the field or line), 130 interrupted.",
+        "configuration (one line naming the file and the field or line), 130 interrupted. A configuration may "
+        "start with `extends: BASE.yaml` (relative to it; chains allowed): it is merged over its base, mappings key "
+        "by key, lists and scalars replaced. --set overrides are merged the same way after that, in order, and "
+        "validated as if written in the file.",
     )
     train.add_argument("--config", required=True, type=Path, help="YAML job configuration (see configs/)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one setting, repeatable: a dotted KEY and a YAML VALUE, typed and validated "
+                       "like the file's (train.replay=R2, train.parallel.expert=2, train.learning_rate=1.0e-6, "
+                       "'rollout.sglang_args=[--tp-size, \"2\"]', 'task.args={max_operand: 9}'); a mapping merges "
+                       "into the configured one, anything else replaces it")
+    train.add_argument("--print-config", action="store_true",
+                       help="print the resolved configuration (extends, --set and --output-dir applied, every field "
+                       "with its default) as YAML and exit")
     train.add_argument("--dry-run", action="store_true", help="validate and print the plan, then exit")
     train.add_argument("--resume", action="store_true",
                        help="continue run.output_dir from its latest checkpoint (train.steps may be raised)")

@@ -4,6 +4,8 @@ Each component reads its own section. Unknown keys and bad values are errors tha
 (``train.mini_batches: must be >= 1``); the YAML loader also refuses what PyYAML would silently drop
 or change (duplicate keys, keys that are not strings, tags without a JSON equivalent), so that every
 problem with a file is one ``ConfigError`` naming the file and the field or the line.
+A file may name a base file (``extends: BASE.yaml``) and ``load`` takes ``KEY=VALUE`` overrides (``--set``), merged
+before validation; errors then name the base file or the override a value came from.
 ``validate_job`` adds the cross-field checks a dry run makes (parallel sizes against the
 architecture and the GPUs, batch divisibility, sampling parameters that keep the mismatch metric
 about numerics) and ``memory_estimate`` the per-GPU memory of training and of routing capture.
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar, get_args
 
@@ -224,7 +228,17 @@ class TaskSection(_Section):
     name: str = "addition"
     """Built-in task (addition) or a name for the run's records."""
     prompts: str | None = None
-    """Local JSONL of prompts (built-in tasks generate theirs)."""
+    """Local prompts: a JSONL or Parquet file, or a directory of them (a ``datasets``-style local
+    dataset); built-in tasks generate theirs."""
+    prompt_key: str = "prompt"
+    """The record's prompt: a string, or with ``chat`` a list of ``{role, content}`` messages."""
+    answer_key: str = "answer"
+    """The record's reference answer (given to the reward function)."""
+    metadata_keys: list[str] = []
+    """Further record fields passed to the reward function with the sample."""
+    chat: bool = False
+    """Render prompts with the tokenizer's chat template (the prompt is a message list, or a string
+    taken as one user message)."""
     reward: str = "routing_replay.tasks.addition:reward"
     """Import path ``module:function`` of the reward function."""
     args: dict[str, TaskArgument] = {}
@@ -235,6 +249,14 @@ class TaskSection(_Section):
     """Supervised batches on (prompt, " " + answer) before RL: the cold start of a tiny model."""
     sft_batch_size: int = Field(default=32, ge=1)
     sft_learning_rate: float = Field(default=1e-3, gt=0)
+
+
+class WandbSection(_Section):
+    project: str
+    name: str | None = None
+    """The run's name (default: the output directory's name)."""
+    mode: Literal["online", "offline", "disabled"] = "online"
+    """``offline`` writes the run files locally (``wandb sync`` uploads them later), no network."""
 
 
 class RunSection(_Section):
@@ -251,6 +273,8 @@ class RunSection(_Section):
     """Where Ray places the GPUs' actors: ``colocate`` packs engines and trainer ranks onto as few
     nodes as possible, ``separate`` puts the engines on other nodes than the trainer's where the
     cluster allows. Each trainer expert-parallel group always stays inside one node."""
+    wandb: WandbSection | None = None
+    """Also log every metric to Weights & Biases (beside JSONL and TensorBoard, same names)."""
 
 
 class JobConfig(_Section):
@@ -342,7 +366,7 @@ def _construct(text: str) -> tuple[object, yaml.Node | None]:
         loader.dispose()
 
 
-def _parse_yaml(path: Path, text: str) -> tuple[object, yaml.Node | None]:
+def _parse_yaml(path: Path | str, text: str) -> tuple[object, yaml.Node | None]:
     try:
         return _construct(text)
     except yaml.reader.ReaderError as exc:
@@ -359,21 +383,117 @@ def _parse_yaml(path: Path, text: str) -> tuple[object, yaml.Node | None]:
         raise ConfigError(f"{path}: nested too deeply") from None
 
 
-def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
-    """The line of the key or item at ``loc``, or of its nearest ancestor in the file."""
-    line = None
-    for part in loc:
-        if isinstance(node, yaml.MappingNode):
-            key_node, node = next(((k, v) for k, v in node.value if k.value == part), (None, None))
-            if key_node is None:
-                break
-            line = key_node.start_mark.line + 1
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            node = node.value[part]
-            line = node.start_mark.line + 1
+EXTENDS = "extends"
+"""The top-level key naming a configuration's base file (relative to the file); not a field of any schema."""
+
+
+@dataclass(frozen=True)
+class _Origin:
+    """Where a value of the resolved configuration was written: ``source`` is a file's path (``node``
+    the value's YAML node in it, ``line`` the line of its key) or an override (``--set KEY=VALUE``).
+    ``keys`` holds each key's origin of a mapping merged from several sources."""
+
+    source: str
+    node: yaml.Node | None = None
+    line: int | None = None
+    override: bool = False
+    keys: dict[str, _Origin] | None = None
+
+    def child(self, part: int | str) -> _Origin:
+        """The origin of the key or item ``part``; where it was not written, a copy of this one."""
+        if self.keys is not None:
+            if part in self.keys:
+                return self.keys[part]
+        elif isinstance(self.node, yaml.MappingNode):
+            # reversed: explicit keys come after those a ``<<`` merge key put in front of them
+            for key_node, value_node in reversed(self.node.value):
+                if key_node.value == part:
+                    return _Origin(self.source, value_node, key_node.start_mark.line + 1, self.override)
+        elif isinstance(self.node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(self.node.value):
+            item = self.node.value[part]
+            return _Origin(self.source, item, item.start_mark.line + 1, self.override)
+        return _Origin(self.source, None, self.line, self.override)
+
+    def locate(self, loc: tuple[int | str, ...]) -> _Origin:
+        """Where the value at ``loc``, or its nearest written ancestor, came from."""
+        origin = self
+        for part in loc:
+            origin = origin.child(part)
+        return origin
+
+
+def _merge(base: dict, base_origin: _Origin, over: dict, over_origin: _Origin, own: _Origin) -> tuple[dict, _Origin]:
+    """``over`` on top of ``base``: mappings merge key by key, anything else replaces; ``own`` is the
+    merged mapping's own origin. The inputs are not changed."""
+    merged = dict(base)
+    keys = {key: base_origin.child(key) for key in base}
+    for key, value in over.items():
+        origin = over_origin.child(key)
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key], keys[key] = _merge(merged[key], keys[key], value, origin, own=origin)
         else:
-            break
-    return line
+            merged[key], keys[key] = value, origin
+    return merged, replace(own, keys=keys)
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: reading it fails, naming the file
+        return False
+
+
+class _ExtendsCycle(ConfigError):
+    """Already names every file of the chain: not wrapped again by the files that extend it."""
+
+
+def _resolve(path: Path, schema: type[BaseModel], chain: tuple[Path, ...] = ()) -> tuple[dict, _Origin]:
+    """The file's top-level mapping with its ``extends`` chain merged under it. ``chain``: the files
+    extending this one, outermost first."""
+    raw, root = _parse_yaml(path, _read_text(path))
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections ({', '.join(schema.model_fields)}),"
+                          f" got {'an empty document' if raw is None else _yaml_kind(raw)}")
+    origin = _Origin(str(path), root)
+    if EXTENDS not in raw:
+        return raw, origin
+    line = origin.child(EXTENDS).line
+    written = raw.pop(EXTENDS)
+    if not isinstance(written, str) or not written.strip() or "\x00" in written:
+        got = "an empty string" if written == "" else "a NUL character" if "\x00" in str(written) else \
+            _yaml_kind(written)
+        raise ConfigError(f"{path}: {EXTENDS}: must be the path of a YAML file (relative to this one), got {got} "
+                          f"(line {line})")
+    base = path.parent / written
+    trail = (*chain, path)
+    if any(_same_path(base, p) for p in trail):
+        raise _ExtendsCycle(f"{trail[0]}: {EXTENDS} cycle: {' -> '.join(map(str, (*trail, base)))}")
+    try:
+        base_raw, base_origin = _resolve(base, schema, trail)
+    except _ExtendsCycle:
+        raise
+    except ConfigError as exc:  # names the base file (and the line); prefixed with the file extending it
+        raise ConfigError(f"{path}: {EXTENDS} (line {line}): {exc}") from None
+    return _merge(base_raw, base_origin, raw, origin, own=origin)
+
+
+def _override(text: str) -> tuple[dict, _Origin]:
+    """A ``KEY=VALUE`` override (``train.parallel.expert=2``) as a one-key-path mapping; VALUE is read
+    as YAML by the strict loader (``[a, b]``, ``{x: 1}``, ``1.0e-6``, ``true``; empty: null)."""
+    # escaped where not printable, so that every message stays on one line
+    label = f"--set {text if text.isprintable() else text.encode('unicode_escape').decode()}"
+    key, equals, value_text = text.partition("=")
+    key = key.strip()
+    if not equals:
+        raise ConfigError(f"{label}: expected KEY=VALUE with a dotted KEY, e.g. --set train.replay=R2")
+    parts = key.split(".")
+    if not all(part.strip() for part in parts):
+        raise ConfigError(f"{label}: the key {key!r} must be names joined by dots, e.g. train.parallel.expert")
+    value, node = _parse_yaml(label, value_text)
+    origin = _Origin(label, node, override=True)
+    for part in reversed(parts):
+        value, origin = {part: value}, _Origin(label, override=True, keys={part: origin})
+    return value, origin
 
 
 def _allowed_keys(schema: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
@@ -386,7 +506,9 @@ def _allowed_keys(schema: type[BaseModel], loc: tuple[int | str, ...]) -> list[s
     return list(section.model_fields)
 
 
-def _describe(schema: type[BaseModel], error: ErrorDetails, root: yaml.Node | None) -> str:
+def _describe(schema: type[BaseModel], error: ErrorDetails, origin: _Origin | None, top: str | None = None) -> str:
+    """One error: the field, the problem and where the value came from: ``(line L)`` in the file
+    loaded (``top``), ``(FILE, line L)`` in a base file, a ``--set KEY=VALUE: `` prefix for an override."""
     # An unknown key may hold a newline: quote it so that the message stays on one line.
     where = ".".join(str(part) if str(part).isprintable() else repr(part) for part in error["loc"])
     if error["type"] == "extra_forbidden":
@@ -397,25 +519,47 @@ def _describe(schema: type[BaseModel], error: ErrorDetails, root: yaml.Node | No
         message = f"{error['msg']}, got {_yaml_kind(error['input'])}"
     else:
         message = error["msg"]
-    line = _line_of(root, error["loc"])
-    return f"{where}: {message}" + (f" (line {line})" if line else "")
+    found = origin.locate(error["loc"]) if origin is not None else None
+    if found is None:
+        return f"{where}: {message}"
+    if found.override:
+        return f"{found.source}: {where}: {message}"
+    if found.source == top:
+        return f"{where}: {message}" + (f" (line {found.line})" if found.line else "")
+    return f"{where}: {message} ({found.source}" + (f", line {found.line})" if found.line else ")")
 
 
 Schema = TypeVar("Schema", bound=BaseModel)
 
 
-def load(path: str | Path, schema: type[Schema] = JobConfig) -> Schema:
+def load(path: str | Path, schema: type[Schema] = JobConfig, overrides: Sequence[str] = ()) -> Schema:
     """The configuration in a YAML file (a job's, or another ``schema``'s such as an experiment's);
-    every way the file can be wrong is a ConfigError naming the file and the field or the line."""
+    every way the file can be wrong is a ConfigError naming the file and the field or the line.
+
+    A top-level ``extends: BASE.yaml`` (relative to the file; chains allowed) merges the file over
+    its base: mappings key by key, the file's keys winning; lists and scalars replace. Then each
+    override ``KEY=VALUE`` (``train.parallel.expert=2``, as ``--set`` gives them), in order, is merged
+    the same way, its VALUE read as YAML; the result is validated as if it had been written in one
+    file. An error names the field and where its value came from: a line of the file, a base file
+    and line, or the override (``--set train.replay=R9: train.replay: ...``)."""
+    if isinstance(overrides, str):
+        raise TypeError("overrides is a sequence of KEY=VALUE strings, not one string")
     path = Path(path)
-    raw, root = _parse_yaml(path, _read_text(path))
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections ({', '.join(schema.model_fields)}),"
-                          f" got {'an empty document' if raw is None else _yaml_kind(raw)}")
+    layers = [_override(text) for text in overrides]
+    raw, origin = _resolve(path, schema)
+    for over, over_origin in layers:
+        raw, origin = _merge(raw, origin, over, over_origin, own=origin)
     try:
         return schema.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"{path}: " + "; ".join(_describe(schema, error, root) for error in exc.errors())) from None
+        raise ConfigError(f"{path}: " + "; ".join(_describe(schema, error, origin, str(path))
+                                                  for error in exc.errors())) from None
+
+
+def to_yaml(cfg: BaseModel) -> str:
+    """Every field of ``cfg`` with its value, defaults included, in schema order: YAML that ``load``
+    reads back to an equal configuration (``routing-replay train --print-config``)."""
+    return yaml.safe_dump(cfg.model_dump(), sort_keys=False, allow_unicode=True, default_flow_style=False, width=100)
 
 
 def validate_job(cfg: JobConfig, arch: Architecture) -> list[str]:
@@ -424,6 +568,10 @@ def validate_job(cfg: JobConfig, arch: Architecture) -> list[str]:
     p, r, t = cfg.train.parallel, cfg.rollout, cfg.train
     if r.top_p != 1.0 or r.top_k != -1:
         problems.append("rollout.top_p must be 1 and rollout.top_k -1: mu_old would measure sampling, not numerics")
+    task = cfg.task
+    if task.prompts is None and (task.prompt_key, task.answer_key, task.metadata_keys) != ("prompt", "answer", []):
+        problems.append("task.prompt_key, task.answer_key and task.metadata_keys apply to task.prompts: a built-in "
+                        f"task ({task.name}) generates its own records")
     if arch.num_attention_heads % p.tensor or arch.num_key_value_heads % p.tensor:
         problems.append(f"train.parallel.tensor={p.tensor} must divide the {arch.num_attention_heads} attention "
                         f"and {arch.num_key_value_heads} key-value heads")

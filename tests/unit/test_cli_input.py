@@ -82,6 +82,11 @@ BAD_CONFIGS = {
                                     ["line 2, column 16: 'ten' is not a valid !!int"]),
     "Python tag": (b"model: !!python/object:os.system {}\n", ["line 1, column 8", "could not determine a constructor"]),
     "undefined alias": (TINY + b"train: *base\n", ["line 2, column 8: found undefined alias 'base'"]),
+    "missing base": (b"# a variant\nextends: base.yaml\n" + TINY,
+                     ["extends (line 2): ", "/base.yaml: cannot read: No such file or directory"]),
+    "extends not a path": (TINY + b"extends: {path: base.yaml}\n",
+                           ["extends: must be the path of a YAML file (relative to this one), got a mapping (line 2)"]),
+    "extends itself": (b"extends: job.yaml\n", ["extends cycle: ", "/job.yaml -> "]),
 }
 
 
@@ -223,7 +228,7 @@ SCHEMA_KEYS = sorted({name for section in (config.JobConfig, config.ModelSection
                                            config.Architecture, config.RolloutSection, config.TrainSection,
                                            config.ParallelSection, config.CorrectionSection, config.TaskSection,
                                            config.RunSection)
-                      for name in section.model_fields})
+                      for name in section.model_fields} | {config.EXTENDS})
 YAML_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12)
     | st.sampled_from(["qwen3_moe", "R3", "truncate", "token", "disk"]),

@@ -258,9 +258,16 @@ def test_builtin_rewards():
     a, b = (int(x) for x in record["prompt"].split("is ")[1].split("?")[0].split(" + "))
     assert addition.reward(record, f" {a + b} because") == 1.0
     assert addition.reward(record, f" {a + b + 1}") == 0.0
-    assert math_task.reward({"answer": "3/4"}, "so the result is \\boxed{\\frac{3}{4}}") == 0.0  # not normalised LaTeX
+    assert math_task.reward({"answer": "3/4"}, "so the result is \\boxed{\\frac{3}{4}}") == 1.0  # math_verify
     assert math_task.reward({"answer": "0.75"}, "thus \\boxed{3/4}") == 1.0
     assert math_task.reward({"answer": "1200"}, "the total is 1,200.") == 1.0
     assert load_reward("routing_replay.tasks.addition:reward") is addition.reward
     with pytest.raises(ValueError, match="must look like"):
         load_reward("no_colon")
+
+
+def test_dataset_keys_without_a_prompts_file_are_refused_by_the_dry_run():
+    cfg = config.JobConfig.model_validate({"model": {"tiny": "qwen3_moe"}, "task": {"prompt_key": "question"}})
+    problems = config.validate_job(cfg, config.architecture_of(cfg))
+    assert any(p.startswith("task.prompt_key, task.answer_key and task.metadata_keys apply to task.prompts")
+               for p in problems), problems
