@@ -73,7 +73,8 @@ def test_checkpoints_commit_atomically_and_keep_the_newest(tmp_path):
 
 def test_prompts_from_jsonl_and_built_in(tmp_path):
     path = tmp_path / "p.jsonl"
-    path.write_text(json.dumps({"prompt": "1 + 1 =", "answer": "2"}) + "\n\n" + json.dumps({"prompt": "x"}) + "\n")
+    path.write_text(json.dumps({"prompt": "1 + 1 =", "answer": "2"}) + "\n\n"
+                    + json.dumps({"prompt": "x", "answer": "y"}) + "\n")
     assert [r["prompt"] for r in load_prompts("mine", str(path), seed=0)] == ["1 + 1 =", "x"]
     path.write_text('{"prompt": 3}\n')
     with pytest.raises(ValueError, match="p.jsonl:1: a record needs a string 'prompt'"):

@@ -1,42 +1,43 @@
-"""Final-answer verification for math prompts: the last ``\\boxed{...}`` (or, failing that, the last
-number) of the response must equal the record's ``answer`` after normalisation."""
+"""Final-answer verification for math prompts with Hugging Face's ``math_verify`` (maintained,
+used by open-r1 and lighteval): the response's final answer (``\\boxed{...}`` first, then a LaTeX
+or plain expression, e.g. "x = 3") must equal the record's ``answer`` mathematically (``1/2`` =
+``0.5`` = ``\\frac{1}{2}``, ``x+1`` = ``1+x``).
+
+Timeouts: ``math_verify`` bounds parsing and comparison with ``signal.alarm``, which works only on
+a process's main thread. The reward workers are plain (not threaded or async) Ray actors, whose
+methods run on the worker's main thread, so the bounds apply there; called from any other thread
+the verifier runs without them rather than failing.
+"""
 
 from __future__ import annotations
 
-import re
-from fractions import Fraction
+import logging
+import threading
 
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
+from math_verify import parse, verify
 
+TIMEOUT_SECONDS = 5
+"""Per parse and per comparison, on the main thread."""
 
-def final_answer(response: str) -> str | None:
-    boxed = _last_boxed(response)
-    if boxed is not None:
-        return boxed
-    numbers = _NUMBER.findall(response.replace(",", ""))
-    return numbers[-1] if numbers else None
+logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled" and per-parse warnings
 
 
-def _last_boxed(text: str) -> str | None:
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth, i = 1, start + len("\\boxed{")
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i:j].strip()
-    return None
+def _timeout() -> int | None:
+    return TIMEOUT_SECONDS if threading.current_thread() is threading.main_thread() else None
 
 
-def _normalise(answer: str) -> str | Fraction:
-    cleaned = answer.replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
-    try:
-        return Fraction(cleaned)
-    except (ValueError, ZeroDivisionError):
-        return cleaned
+def gold(answer: object) -> list:
+    """The reference answer parsed: taken as LaTeX math (``$...$``) unless it carries its own
+    delimiters or ``\\boxed``; a plain parse when that finds nothing."""
+    text = str(answer).strip()
+    parsed = [] if "$" in text or "\\boxed" in text else parse(f"${text}$", parsing_timeout=_timeout())
+    return parsed or parse(text, parsing_timeout=_timeout())
 
 
 def reward(record: dict, response: str) -> float:
-    found = final_answer(response)
-    return 1.0 if found is not None and _normalise(found) == _normalise(str(record["answer"])) else 0.0
+    """1 when the response's final answer equals ``record["answer"]`` (per ``math_verify``), else 0."""
+    expected = gold(record["answer"])
+    found = parse(response, parsing_timeout=_timeout())
+    if not expected or not found:
+        return 0.0
+    return 1.0 if verify(expected, found, timeout_seconds=_timeout()) else 0.0
