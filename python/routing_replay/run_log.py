@@ -1,8 +1,11 @@
 """Per-step metrics of a run: one JSON object per line in ``metrics.jsonl``, the same scalars in
-TensorBoard, and ``routing-replay plot RUN [RUN ...]`` to draw PNG curves of them.
+TensorBoard and, with ``run.wandb`` set, in Weights & Biases; ``summary_line`` is the console's
+line per step, and ``routing-replay plot RUN [RUN ...]`` draws PNG curves of them.
 
 Metrics are flat ``{name: float}`` maps; names use ``/`` to group (``mismatch/k3``,
-``staleness/mb1/mean_abs``). Appending (not rewriting) lets a resumed run continue its curves.
+``staleness/mb1/mean_abs``), the same names in every sink. Appending (not rewriting) lets a resumed
+run continue its curves; a resumed run continues the same W&B run (its id is kept in the run
+directory, ``wandb-run-id``).
 
 ``plot`` draws one PNG per metric family (``FAMILIES``: reward, mismatch, paired diagnostics,
 staleness, ...), a panel per statistic, a line per mini-batch index (or layer) of one run, or a
@@ -16,7 +19,8 @@ import json
 import math
 import os
 import re
-from collections.abc import Sequence
+import secrets
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -25,20 +29,34 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
+    from routing_replay.config import WandbSection
+
 METRICS_FILE = "metrics.jsonl"
+WANDB_ID_FILE = "wandb-run-id"
+"""The run directory's W&B run id: a resumed job logs to the same W&B run."""
 
 
 class RunLog:
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True, purge_step: int | None = None) -> None:
-        """``purge_step``: a resumed run's first step; TensorBoard hides older events from there on."""
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, purge_step: int | None = None,
+                 wandb: WandbSection | None = None, config: Mapping | None = None) -> None:
+        """``purge_step``: a resumed run's first step; TensorBoard hides older events from there on.
+        ``wandb``: also log to Weights & Biases (``mode: disabled`` or None: not at all, wandb is not
+        even imported), with ``config`` (the job's configuration) as the W&B run's config."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
         self._tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+        self._wandb = None
+        try:
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=purge_step)
+                self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=purge_step)
+            if wandb is not None and wandb.mode != "disabled":
+                self._wandb = _start_wandb(self.run_dir, wandb, config)
+        except BaseException:
+            self.close()
+            raise
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         bad = sorted(k for k, v in metrics.items() if not isinstance(v, (int, float)) or not math.isfinite(v))
@@ -50,17 +68,74 @@ class RunLog:
             for name, value in metrics.items():
                 self._tb.add_scalar(name, value, step)
             self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(dict(metrics), step=step)
 
     def close(self) -> None:
-        self._jsonl.close()
+        if not self._jsonl.closed:
+            self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
     def __enter__(self) -> RunLog:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _start_wandb(run_dir: Path, settings: WandbSection, config: Mapping | None):
+    """A W&B run writing under ``run_dir/wandb``; the id in ``run_dir/wandb-run-id`` is reused, so a
+    resumed job appends to the same run (``resume="allow"``). Steps a resumed job logs again (those
+    after its checkpoint) keep W&B's first values online: W&B refuses steps below its last one;
+    metrics.jsonl and TensorBoard hold the new ones."""
+    try:
+        import wandb
+    except ImportError as exc:
+        raise RuntimeError(f"run.wandb is set (mode {settings.mode}) but wandb cannot be imported ({exc}): install "
+                           "it (it is in requirements/lock-*.txt) or remove run.wandb") from None
+    id_file = run_dir / WANDB_ID_FILE
+    run_id = id_file.read_text(encoding="utf-8").strip() if id_file.is_file() else ""
+    if not run_id:
+        run_id = secrets.token_hex(6)  # W&B ids: lowercase letters and digits
+        id_file.write_text(run_id + "\n", encoding="utf-8")
+    # offline runs ignore (and warn about) ``resume``: `wandb sync --append` joins their parts
+    resume = "allow" if settings.mode == "online" else None
+    return wandb.init(project=settings.project, name=settings.name or run_dir.resolve().name, dir=str(run_dir),
+                      mode=settings.mode, config=dict(config or {}), id=run_id, resume=resume, reinit="create_new")
+
+
+def routing_agreement(metrics: Mapping[str, float]) -> float | None:
+    """The share of (token, layer) pairs where the trainer's own top-k set equals the rollout's: the
+    mean over layers of ``routing/agreement/layerL`` (R3's replayed forward), else 1 -
+    ``paired/flip_share`` (paired diagnostics, any replay mode); None when neither was logged."""
+    layers = [value for name, value in metrics.items() if re.fullmatch(r"routing/agreement/layer\d+", name)]
+    if layers:
+        return sum(layers) / len(layers)
+    flips = metrics.get("paired/flip_share")
+    return None if flips is None else 1.0 - flips
+
+
+def summary_line(step: int, metrics: Mapping[str, float], mini_batches: int) -> str:
+    """The console's line for one step: mean reward, mismatch k3 (``mismatch/k3``), staleness k3 of
+    the last mini-batch (the most off-policy; 0 in mb0), routing agreement between trainer and
+    rollout (``routing_agreement``), the last mini-batch's replay agreement (the current model's own
+    top-k against the routing held fixed) and the step time. A metric the step did not log (e.g. no
+    routing agreement for R2 or none without paired diagnostics) is left out."""
+    last = mini_batches - 1
+    fields = (("reward", metrics.get("reward/mean"), ".3f"),
+              ("mismatch k3", metrics.get("mismatch/k3"), ".2e"),
+              (f"staleness k3 mb{last}", metrics.get(f"staleness/mb{last}/k3"), ".2e"),
+              ("routing agreement", routing_agreement(metrics), ".4f"),
+              (f"replay agreement mb{last}", metrics.get(f"replay/agreement/mb{last}"), ".4f"))
+    parts = [f"{label} {value:{spec}}" for label, value, spec in fields if value is not None]
+    if (seconds := metrics.get("time/step")) is not None:
+        parts.append(f"{seconds:.2f} s")
+    return f"step {step}: " + ", ".join(parts) if parts else f"step {step}"
 
 
 class MetricsError(ValueError):

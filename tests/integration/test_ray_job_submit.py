@@ -1,11 +1,14 @@
-"""``ray job submit --working-dir .`` against a real Ray head on loopback, as on a cluster: the
-job's driver joins the head's cluster (RAY_ADDRESS), runs two RL steps and writes its metrics."""
+"""``ray job submit --working-dir .`` against a real Ray head on loopback, as on a cluster: a
+relative ``run.output_dir`` is refused at once, with the fix in the message; with the fix (an
+absolute directory through ``--set``) the job's driver joins the head's cluster (RAY_ADDRESS), runs
+two RL steps, prints a line per step and writes its metrics there, W&B's offline files included."""
 
 from __future__ import annotations
 
 import json
 import os
 import secrets
+import shlex
 import subprocess
 import sys
 import time
@@ -53,28 +56,66 @@ def stop_processes_under(temp_dir: Path) -> None:
         process.kill()
 
 
+RELATIVE = "runs/submitted"
+
+
+def submit(address: str, env: dict, entrypoint: str, runtime_env: dict | None = None,
+           timeout: float = 540) -> subprocess.CompletedProcess:
+    """``ray job submit`` of ``bash -c ENTRYPOINT`` with the repository as working directory."""
+    submit = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO)]
+    if runtime_env:
+        submit += ["--runtime-env-json", json.dumps(runtime_env)]
+    submit += ["--", "bash", "-c", entrypoint]
+    deadline = time.monotonic() + 120
+    while True:  # a fresh head answers "no available agent" until its job agent is up: wait for that state
+        out = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+        if out.returncode == 0 or "No available agent" not in out.stdout + out.stderr:
+            return out
+        assert time.monotonic() < deadline, "the head's job agent did not come up in 120 s"
+        time.sleep(2)
+
+
+def config_file(tmp_path: Path) -> Path:
+    """The short job with a relative run.output_dir, as a repository's config would have it."""
+    path = tmp_path / "job.yaml"
+    path.write_text(json.dumps(job_config(RELATIVE, steps=2).model_dump(mode="json")))  # JSON is YAML
+    return path
+
+
+@pytest.mark.timeout(300)
+def test_a_relative_output_dir_is_refused_with_the_fix(ray_head, tmp_path):
+    address, env = ray_head
+    train = [str(BIN / "routing-replay"), "train", "--config", str(config_file(tmp_path)), "--no-progress"]
+    out = submit(address, env, f"exec {shlex.join(train)}", timeout=240)
+    logs = out.stdout + out.stderr
+    assert out.returncode != 0, logs[-4000:]
+    assert f"run.output_dir='{RELATIVE}' is relative, and this driver runs under `ray job submit` (raysubmit_" in logs
+    assert "--set run.output_dir=/shared/runs/submitted" in logs
+    # the job's error (exit 1), raised in Job.__init__ before Ray, engines or trainers started
+    assert f"routing-replay train: run.output_dir='{RELATIVE}' is relative" in logs
+
+
 @pytest.mark.timeout(600)
 def test_ray_job_submit_runs_the_job_on_the_cluster(ray_head, tmp_path):
     address, env = ray_head
-    run_dir = tmp_path / "run"
-    cfg = job_config(run_dir, steps=2)
-    path = tmp_path / "job.yaml"
-    path.write_text(json.dumps(cfg.model_dump(mode="json")))  # JSON is YAML
+    run_dir = tmp_path / "run"  # absolute: as a directory on shared storage would be
+    assert run_dir.is_absolute()
+    # the fix the refusal names, and W&B offline (its files under the run directory, no network)
+    train = [str(BIN / "routing-replay"), "train", "--config", str(config_file(tmp_path)), "--no-progress",
+             "--set", f"run.output_dir={run_dir}", "--set", "run.wandb={project: routing-replay-tests, mode: offline}"]
+    wandb_home = tmp_path / "wandb-home"
+    runtime_env = {"env_vars": {"WANDB_SILENT": "true", **{f"WANDB_{kind.upper()}_DIR": str(wandb_home / kind)
+                                                          for kind in ("config", "cache", "data")}}}
     # The job starts in the uploaded working directory: it must hold the code, not the virtual
     # environment or the build folder (both exist in the repository here; .gitignore excludes them).
-    entrypoint = (f"test -e configs/tiny-moe-cpu.yaml && test ! -e .venv && test ! -e build && "
-                  f"exec {BIN / 'routing-replay'} train --config {path} --no-progress")
-    submit = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-              "bash", "-c", entrypoint]
-    deadline = time.monotonic() + 120
-    while True:  # a fresh head answers "no available agent" until its job agent is up: wait for that state
-        out = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=540, cwd=REPO)
-        if out.returncode == 0 or "No available agent" not in out.stdout + out.stderr:
-            break
-        assert time.monotonic() < deadline, "the head's job agent did not come up in 120 s"
-        time.sleep(2)
+    entrypoint = f"test -e configs/tiny-moe-cpu.yaml && test ! -e .venv && test ! -e build && exec {shlex.join(train)}"
+    out = submit(address, env, entrypoint, runtime_env)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "succeeded" in out.stdout
     assert "run finished" in out.stdout
+    assert "step 2: reward " in out.stdout  # the console's line per step, in the job's logs
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2]
+    run_id = (run_dir / "wandb-run-id").read_text().strip()
+    assert list((run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert (wandb_home / "cache").is_dir()  # the runtime environment's variables reached the driver

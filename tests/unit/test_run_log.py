@@ -1,11 +1,16 @@
-"""Metrics to JSONL and TensorBoard, appended across resumes, and plotted."""
+"""Metrics to JSONL, TensorBoard and W&B (offline, no network), appended across resumes, the
+console's line per step, and plots."""
 
+import socket
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
 from routing_replay import cli, run_log
+from routing_replay.config import WandbSection
 
 
 def test_metrics_go_to_jsonl_and_tensorboard_and_resume_appends(tmp_path):
@@ -18,6 +23,111 @@ def test_metrics_go_to_jsonl_and_tensorboard_and_resume_appends(tmp_path):
     assert [r["step"] for r in records] == [0, 1, 2]
     assert [r["reward/mean"] for r in records] == [0.1, 0.3, 0.5]
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.fixture
+def no_network(tmp_path, monkeypatch):
+    """W&B pointed at a local socket that records every connection (its server URL and the HTTP(S)
+    proxies), its own files kept under tmp_path; yields the list of connections."""
+    server = socket.create_server(("127.0.0.1", 0))
+    connections = []
+
+    def accept():
+        while True:
+            try:
+                connection, address = server.accept()
+            except OSError:
+                return
+            connections.append(address)
+            connection.close()
+
+    threading.Thread(target=accept, daemon=True).start()
+    url = f"http://127.0.0.1:{server.getsockname()[1]}"
+    for name in ("WANDB_BASE_URL", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.setenv(name, url)
+    for name in ("NO_PROXY", "no_proxy", "WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR", "WANDB_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for name, folder in (("WANDB_CONFIG_DIR", "config"), ("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data")):
+        monkeypatch.setenv(name, str(tmp_path / "wandb-home" / folder))
+    yield connections
+    server.close()
+
+
+def wandb_history(run_file) -> list[dict[str, float]]:
+    """The metrics of an offline run's ``run-ID.wandb`` file (W&B's own record reader)."""
+    import json
+
+    from wandb.proto import wandb_internal_pb2
+    from wandb.sdk.internal import datastore
+
+    store = datastore.DataStore()
+    store.open_for_scan(str(run_file))
+    rows = []
+    while (data := store.scan_data()) is not None:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(data)
+        if record.WhichOneof("record_type") == "history":
+            items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            rows.append({name: value for name, value in items.items() if not name.startswith("_") or name == "_step"})
+    return rows
+
+
+def test_wandb_offline_writes_the_same_metrics_under_the_run_dir_and_a_resume_keeps_the_run_id(tmp_path, no_network):
+    run_dir = tmp_path / "my-run"
+    settings = WandbSection(project="routing-replay-tests", mode="offline")
+    with run_log.RunLog(run_dir, tensorboard=False, wandb=settings, config={"train": {"replay": "R3"}}) as log:
+        log.log(0, {"sft/loss_first": 6.0})
+        log.log(1, {"reward/mean": 0.25, "mismatch/k3": 1e-3, "staleness/mb1/k3": 2e-4})
+    with run_log.RunLog(run_dir, tensorboard=False, wandb=settings) as log:  # resumed from step 1
+        log.log(2, {"reward/mean": 0.5, "mismatch/k3": 2e-3, "staleness/mb1/k3": 3e-4})
+    run_id = (run_dir / run_log.WANDB_ID_FILE).read_text().strip()
+    # offline-run-DATE-ID, and offline-run-DATE-ID-1 when the second part starts within the same second
+    parts = list((run_dir / "wandb").glob(f"offline-run-*-{run_id}*/run-{run_id}.wandb"))
+    assert len(parts) == 2, list((run_dir / "wandb").iterdir())  # both parts of the run carry its id
+    jsonl = run_log.read(run_dir)
+    deadline = time.monotonic() + 30
+    while True:  # W&B's service process may write a part's last records just after finish() returns
+        history = sorted(wandb_history(parts[0]) + wandb_history(parts[1]), key=lambda row: row["_step"])
+        if len(history) >= len(jsonl) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert [{"_step": r.pop("step"), **r} for r in jsonl] == history  # the same names, values and steps
+    assert no_network == []
+
+
+def test_wandb_disabled_writes_nothing(tmp_path, no_network):
+    run_dir = tmp_path / "run"
+    with run_log.RunLog(run_dir, tensorboard=False, wandb=WandbSection(project="p", mode="disabled")) as log:
+        log.log(1, {"reward/mean": 0.5})
+    assert [path.name for path in run_dir.iterdir()] == ["metrics.jsonl"]
+    assert no_network == []
+
+
+def r3_metrics(mini_batches: int) -> dict[str, float]:
+    return {"reward/mean": 0.6875, "reward/std": 0.4, "mismatch/k3": 2.376e-05, "time/step": 1.6691,
+            "routing/agreement/layer0": 0.998, "routing/agreement/layer1": 0.994, "paired/flip_share": 0.004,
+            **{f"staleness/mb{i}/k3": 1e-4 * i for i in range(mini_batches)},
+            **{f"replay/agreement/mb{i}": 1.0 - 0.01 * i for i in range(mini_batches)}}
+
+
+def test_summary_line_names_reward_mismatch_last_staleness_agreement_and_time():
+    assert run_log.summary_line(12, r3_metrics(4), 4) == (
+        "step 12: reward 0.688, mismatch k3 2.38e-05, staleness k3 mb3 3.00e-04, routing agreement 0.9960, "
+        "replay agreement mb3 0.9700, 1.67 s")
+    on_policy = run_log.summary_line(1, r3_metrics(1), 1)
+    assert "staleness k3 mb0 0.00e+00" in on_policy and "replay agreement mb0 1.0000" in on_policy
+
+
+def test_summary_line_leaves_out_what_a_mode_does_not_log():
+    # R2 / none with paired diagnostics: no replayed-forward agreement; the flips give it
+    paired = {k: v for k, v in r3_metrics(2).items() if not k.startswith("routing/")}
+    assert "routing agreement 0.9960" in run_log.summary_line(3, paired, 2)
+    # without paired diagnostics: neither
+    bare = {k: v for k, v in paired.items() if not k.startswith("paired/")}
+    line = run_log.summary_line(3, bare, 2)
+    assert "routing agreement" not in line and "replay agreement mb1 0.9900" in line
+    assert run_log.summary_line(0, {"sft/loss_first": 6.0}, 4) == "step 0"
 
 
 def test_non_finite_metrics_are_refused(tmp_path):

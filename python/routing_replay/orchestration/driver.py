@@ -24,7 +24,7 @@ import torch
 
 from routing_replay import config as job_config
 from routing_replay.megatron.learner import OptimizerSettings
-from routing_replay.orchestration.cluster import connect  # first: it configures Ray before ray is imported
+from routing_replay.orchestration.cluster import connect, output_dir_problem  # first: configures Ray before its import
 from routing_replay.orchestration import checkpoints as ckpt
 from routing_replay.orchestration.engines import (
     EnginePool,
@@ -69,11 +69,13 @@ class Job:
         from transformers import AutoTokenizer
 
         from routing_replay.run_log import RunLog
-        from routing_replay.tasks import load_prompts
+        from routing_replay.tasks import check_chat_template, load_prompts
 
         problems = job_config.validate_job(cfg, job_config.architecture_of(cfg))
         if problems:
             raise JobError("the configuration cannot run: " + "; ".join(problems))
+        if problem := output_dir_problem(cfg.run.output_dir):  # before anything is deleted or started
+            raise JobError(problem)
         self.cfg, self.options = cfg, options
         self.run_dir = Path(cfg.run.output_dir)
         self.engines = None
@@ -87,12 +89,16 @@ class Job:
         try:
             self.model_path = self._initial_model()
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-            self.prompts = load_prompts(cfg.task.name, cfg.task.prompts, cfg.run.seed, args=cfg.task.args)
+            t = cfg.task
+            self.prompts = load_prompts(t.name, t.prompts, cfg.run.seed, args=t.args, prompt_key=t.prompt_key,
+                                        answer_key=t.answer_key, metadata_keys=t.metadata_keys, chat=t.chat)
+            check_chat_template(self.tokenizer, t.chat, self.prompts, f"the tokenizer of {self.model_path}")
             self.start_step = resumed[1].step if resumed else 0
             self.weights = str(resumed[0] / "hf") if resumed else self.model_path
             self.version = f"step-{self.start_step}" if resumed else "init"
             self._start_actors(ray, resumed[0] if resumed else None)
-            self.run_log = RunLog(self.run_dir, purge_step=self.start_step + 1)
+            self.run_log = RunLog(self.run_dir, purge_step=self.start_step + 1, wandb=cfg.run.wandb,
+                                  config=cfg.model_dump(mode="json"))
             if not resumed and cfg.task.sft_warmup_steps:
                 self._warm_start()
         except BaseException:
@@ -109,7 +115,7 @@ class Job:
         n, ranks = len(records) * G, len(self.trainers)
         order = random.Random(f"{cfg.run.seed}-order-{step}").sample(range(n), n)  # -> data-parallel shares
         rank_of = {i: position * ranks // n for position, i in enumerate(order)}
-        prompt_ids = [tuple(self.tokenizer(r["prompt"]).input_ids) for r in records]
+        prompt_ids = [tuple(self._prompt_ids(r)) for r in records]
         requests = [RolloutRequest(f"s{step}-p{i // G}-g{i % G}", prompt_ids[i // G], self._sampling_params(),
                                    self.routing_sinks[rank_of[i]] if _records_routing(cfg) else None)
                     for i in range(n)]
@@ -169,6 +175,8 @@ class Job:
     def run(self) -> Path:
         from tqdm import tqdm
 
+        from routing_replay.run_log import summary_line
+
         steps = range(self.start_step + 1, self.cfg.train.steps + 1)
         bar = tqdm(steps, desc="RL", unit="step", disable=not self.options.progress, initial=self.start_step,
                    total=self.cfg.train.steps)
@@ -177,6 +185,11 @@ class Job:
             metrics = self.step(step)
             self.run_log.log(step, metrics)
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", mismatch=f"{metrics['mismatch/mean_abs']:.2e}")
+            line = summary_line(step, metrics, self.cfg.train.mini_batches)
+            if self.options.progress:
+                tqdm.write(line)  # above the bar, which stays last
+            else:
+                log.info(line)
             if every and (step % every == 0 or step == self.cfg.train.steps):
                 self.checkpoint(step)
         return self.run_dir
@@ -260,7 +273,7 @@ class Job:
         started, losses = time.perf_counter(), []
         bar = tqdm(total=cfg.sft_warmup_steps, desc="SFT warm start", unit="batch", disable=not self.options.progress)
         for chunk in split_count(cfg.sft_warmup_steps, 10):
-            batches = [[(self.tokenizer(r["prompt"]).input_ids, self.tokenizer(" " + str(r["answer"])).input_ids + [eos])
+            batches = [[(self._prompt_ids(r), self.tokenizer(" " + str(r["answer"])).input_ids + [eos])
                         for r in rng.sample(self.prompts, cfg.sft_batch_size)] for _ in range(chunk)]
             shares = [[batch[i :: len(self.trainers)] for batch in batches] for i in range(len(self.trainers))]
             losses += self._ray.get([t.sft.remote(s, cfg.sft_learning_rate)
@@ -268,10 +281,16 @@ class Job:
             bar.update(chunk)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
         bar.close()
-        probe = self.tokenizer(self.prompts[0]["prompt"]).input_ids
+        probe = self._prompt_ids(self.prompts[0])
         self._sync_weights("sft", probe)
         self.run_log.log(0, {"sft/loss_first": losses[0], "sft/loss_last": losses[-1],
                              "time/sft": time.perf_counter() - started})
+
+    def _prompt_ids(self, record: dict) -> list[int]:
+        """A prompt's token ids (task.chat: through the tokenizer's chat template)."""
+        from routing_replay.tasks import prompt_token_ids
+
+        return prompt_token_ids(self.tokenizer, record, self.cfg.task.chat)
 
     def _sampling_params(self) -> dict:
         r = self.cfg.rollout
