@@ -635,7 +635,7 @@ def parameter_count(arch: Architecture) -> tuple[int, int]:
     return total, active
 
 
-TRAINER_MEMORY_PARTS = ("params", "grads", "main_params", "adam", "activations", "logits")
+TRAINER_MEMORY_PARTS = ("params", "grads", "main_params", "adam", "activations", "logits", "backward")
 """The parts of a trainer GPU's memory, each a ``{part}_gib`` key of ``memory_estimate``."""
 
 
@@ -652,10 +652,13 @@ def memory_estimate(cfg: JobConfig, arch: Architecture, kv_slots_per_engine: int
     (world / (EP x expert-TP x PP)) for expert parameters. ``trainer_state_gib`` is their sum.
 
     Activations (``_activation_bytes``) and logits of one micro-batch at the longest sequence,
-    ``micro_batch_size`` x (``max_prompt_tokens`` + ``max_new_tokens``); ``trainer_total_gib`` is
-    the state plus both. An estimate: allocator fragmentation, communication buffers and backward
-    temporaries other than the logits' gradient are not counted (hence the 90% limit of
-    ``validate_job``), and expert activations assume balanced routing.
+    ``micro_batch_size`` x (``max_prompt_tokens`` + ``max_new_tokens``), and ``backward_gib``: the
+    unfused attention softmax's backward holds three fp32 score-sized tensors of the layer being
+    differentiated (the probabilities' gradient, the scores' gradient and its scaled copy: a b s^2 x
+    12 bytes; measured on CPU, benchmarks/results/learner-cpu.md: the backward of one micro-batch
+    added 394 MiB where this gives 388). ``trainer_total_gib`` is the state plus these three. An
+    estimate: allocator fragmentation, communication buffers and other backward temporaries are not
+    counted (hence the 90% limit of ``validate_job``), and expert activations assume balanced routing.
     """
     p, t = cfg.train.parallel, cfg.train
     total, _ = parameter_count(arch)
@@ -670,12 +673,15 @@ def memory_estimate(cfg: JobConfig, arch: Architecture, kv_slots_per_engine: int
         optimizer_held = dense + experts
     bf16 = cfg.model.train_dtype == "bfloat16"
     activations, logits = _activation_bytes(cfg, arch)
+    seq = cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens
+    backward = 3 * arch.num_attention_heads * t.micro_batch_size * seq * seq * 4
     gib = {"params_gib": (dense + experts) * (2 if bf16 else 4) / 2**30,
            "grads_gib": (dense + experts) * 4 / 2**30,
            "main_params_gib": optimizer_held * 4 / 2**30 if bf16 else 0.0,
            "adam_gib": optimizer_held * 8 / 2**30,
            "activations_gib": activations / 2**30,
-           "logits_gib": logits / 2**30}
+           "logits_gib": logits / 2**30,
+           "backward_gib": backward / 2**30}
     gib["trainer_state_gib"] = sum(gib[f"{part}_gib"] for part in ("params", "grads", "main_params", "adam"))
     gib["trainer_total_gib"] = sum(gib[f"{part}_gib"] for part in TRAINER_MEMORY_PARTS)
     itemsize = 1 if arch.num_experts <= 256 else 2

@@ -111,7 +111,8 @@ def test_bad_values_name_the_field(tmp_path, text, message):
         ("train: {recompute: full, recompute_layers: 3}",
          "train.recompute_layers=3 must divide the 2 layers per pipeline stage"),
         ("run: {gpus: 2, gpu_memory_gib: 0.001}", "trainer memory per GPU: about 0.1 GiB (params 0.0 + grads 0.0 + "
-         "main_params 0.0 + adam 0.0 + activations 0.1 + logits 0.0) exceeds 90% of run.gpu_memory_gib=0.001"),
+         "main_params 0.0 + adam 0.0 + activations 0.1 + logits 0.0 + backward 0.1) exceeds 90% of "
+         "run.gpu_memory_gib=0.001"),
     ],
 )
 def test_cross_field_problems_are_reported(tmp_path, text, problem):
@@ -178,7 +179,9 @@ def test_memory_estimate_of_weights_gradients_and_optimizer_state(train_dtype, d
     assert {part: memory[f"{part}_gib"] * 2**30 for part in expected} == expected
     assert memory["trainer_state_gib"] * 2**30 == sum(expected.values())
     assert memory["trainer_total_gib"] == (memory["trainer_state_gib"] + memory["activations_gib"]
-                                           + memory["logits_gib"])
+                                           + memory["logits_gib"] + memory["backward_gib"])
+    # The softmax backward's three fp32 score-sized tensors of one layer: 3 x 2 heads x 1 x 4^2 x 4 B.
+    assert memory["backward_gib"] * 2**30 == 3 * 2 * 1 * 4 * 4 * 4
 
 
 @pytest.mark.parametrize(
@@ -222,8 +225,8 @@ def test_dry_run_prints_the_memory_breakdown(capsys):
     assert cli.main(["train", "--config", str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert ("trainer memory per GPU (estimate, GiB): params 9.62, grads 19.24, main_params 7.11, adam 14.22, "
-            "activations 6.75, logits 9.13") in out
-    assert "total 66.07 GiB of run.gpu_memory_gib=80 (limit 90%: 72.0); micro-batch of 1 x 4608 tokens" in out
+            "activations 5.50, logits 8.11, backward 6.00") in out
+    assert "total 69.80 GiB of run.gpu_memory_gib=80 (limit 90%: 72.0); micro-batch of 1 x 4096 tokens" in out
 
 
 def test_replay_coverage_and_paired_diagnostics_default_to_strict_and_on(tmp_path):
