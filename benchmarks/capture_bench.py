@@ -8,6 +8,10 @@ medians and ratios (time and bytes) for Qwen3-30B-A3B routing (48 layers, 128 ex
 On a GPU, device time per call is measured with CUDA events, apart from the host-side call
 overhead (wall time of the Python call, no sync).
 
+Before and after the timed rounds both gathers must return the recorded routing: ours complete
+and equal to the baseline's ``buffer[slots]``, which must equal the ids written; otherwise the
+run stops naming the batch and the first differing value.
+
     python benchmarks/capture_bench.py                 # full run, prints a table
     python benchmarks/capture_bench.py --smoke         # a few iterations (CI)
     python benchmarks/capture_bench.py --out benchmarks/results/capture-cpu.md
@@ -24,8 +28,9 @@ from pathlib import Path
 
 import torch
 
+from checks import BenchmarkCheckFailed, require_equal
 from machine import describe
-from routing_replay.capture import RoutingLayout, RoutingRecorder
+from routing_replay.capture import MissingRoutingError, RoutingLayout, RoutingRecorder
 
 LAYOUT = RoutingLayout(num_layers=48, top_k=8, num_experts=128)  # Qwen3-30B-A3B
 BATCHES = (1, 64, 4096)
@@ -80,7 +85,7 @@ def bench_batch(n: int, device: torch.device, rounds: int, iters: int) -> dict[s
     for layer in range(LAYOUT.num_layers):  # fill every layer so gathers return complete rows
         ours.record(layer, slots, ids)
         base.record(layer, slots, ids)
-    assert torch.equal(ours.gather(slots).wait().require_complete().to(torch.int32), base.gather(slots))
+    check_gathers(n, ours, base, slots, ids, "before timing")
 
     calls = {
         "record ours": lambda: ours.record(7, slots, ids),
@@ -98,7 +103,21 @@ def bench_batch(n: int, device: torch.device, rounds: int, iters: int) -> dict[s
             results.setdefault(f"{name} host_us", []).append(time_host(fn, iters))
             if device.type == "cuda" and name.startswith("record"):
                 results.setdefault(f"{name} device_us", []).append(time_device(fn, iters))
+    check_gathers(n, ours, base, slots, ids, "after timing")
     return {key: statistics.median(values) for key, values in results.items()}
+
+
+def check_gathers(n: int, ours: RoutingRecorder, base: Int32Baseline, slots: torch.Tensor, ids: torch.Tensor,
+                  when: str) -> None:
+    """Both gathers return the ids recorded at every layer of ``slots``: what the timings compare."""
+    try:
+        got = ours.gather(slots).wait().require_complete()
+    except MissingRoutingError as exc:
+        raise BenchmarkCheckFailed(f"{n} tokens, {when}: our gather is incomplete: {exc}") from exc
+    want = base.gather(slots)
+    require_equal(f"{n} tokens, {when}: int32 baseline buffer[slots]", want,
+                  ids.cpu()[:, None, :].expand(n, LAYOUT.num_layers, LAYOUT.top_k))
+    require_equal(f"{n} tokens, {when}: our gather against the baseline's buffer[slots]", got, want)
 
 
 def report(device: torch.device, rows: dict[int, dict[str, float]], smoke: bool) -> str:

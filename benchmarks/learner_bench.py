@@ -17,6 +17,10 @@ in bfloat16 (where the fp32 main params appear). The full run also splits one mi
 (fresh processes again, the bare model): its forward with the graph held (what the estimate's
 activations and logits count) and its forward + backward.
 
+Before the report: every measurement and every estimate it compares must be present and positive
+(peak RSS above the import baseline, the state allocated, a finite gradient norm per step, the
+estimate's total and parts), or the run stops naming the missing or non-positive figure.
+
     python benchmarks/learner_bench.py [--steps 3] [--out benchmarks/results/learner-cpu.md]
     python benchmarks/learner_bench.py --smoke
 """
@@ -37,6 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs/tiny-moe-cpu.yaml"
 LARGE = ROOT / "configs/qwen3-30b-a3b-r3.yaml"
 MIB, GIB = 2**20, 2**30
+STATE_PARTS = ("params", "grads", "main_params", "adam")
+ESTIMATE_PARTS = ("trainer_total_gib", *(f"{part}_gib" for part in (*STATE_PARTS, "activations", "logits")))
 
 
 def peak_rss() -> int:
@@ -204,11 +210,44 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     estimates = {dtype: estimate(TINY, dtype) for dtype in dtypes}
     exact = {dtype: estimate(TINY, dtype, vocab) for dtype in dtypes}
-    text = report(cfg, measured, micro, estimates, exact, vocab, estimate(LARGE), steps, mini_batches, args.smoke,
-                  describe())
+    large = estimate(LARGE)
+    check_measured(measured, micro, steps)
+    check_estimates({**{f"tiny {d}": estimates[d] for d in dtypes},
+                     **{f"tiny {d} at vocab {vocab}": exact[d] for d in dtypes}, "Qwen3-30B-A3B": large})
+    text = report(cfg, measured, micro, estimates, exact, vocab, large, steps, mini_batches, args.smoke, describe())
     print(text)
     if args.out:
         args.out.write_text(text)
+
+
+def check_measured(measured: dict, micro: dict, steps: int) -> None:
+    """What each fresh process measured is there and positive: the report's figures mean something."""
+    from checks import require, require_keys, require_positive  # here: the measuring processes import none of it
+
+    for dtype, m in measured.items():
+        what = f"measured ({dtype})"
+        require_keys(what, m, ("baseline", "baseline_now", "after_setup", "peak"))
+        require_positive(f"{what}: import baseline RSS", m["baseline"])
+        require_positive(f"{what}: peak RSS - import baseline", m["peak"] - m["baseline"])
+        require(len(m["after_steps"]) == steps, f"{what}: RSS after {len(m['after_steps'])} steps, ran {steps}")
+        require(len(m["grad_norms"]) == steps, f"{what}: {len(m['grad_norms'])} gradient norms for {steps} steps")
+        for step, norm in enumerate(m["grad_norms"]):
+            require_positive(f"{what}: gradient norm of step {step}", norm)
+        require_keys(f"{what}: trainer state bytes", m["state"], STATE_PARTS)
+        for part in ("params", "grads", "adam"):
+            require_positive(f"{what}: {part} bytes allocated", m["state"][part])
+    for (dtype, backward), m in micro.items():
+        require_positive(f"one micro-batch ({dtype}, {'forward + backward' if backward else 'forward'}): peak RSS"
+                         " - baseline", m["peak"] - m["baseline"])
+
+
+def check_estimates(estimates: dict[str, dict[str, float]]) -> None:
+    """Every estimate the report divides by or shows is there: the total positive, no part negative."""
+    from checks import require_keys, require_positive
+
+    for name, parts in estimates.items():
+        require_keys(f"memory_estimate of {name}", parts, ESTIMATE_PARTS)
+        require_positive(f"memory_estimate of {name}: trainer_total_gib", parts["trainer_total_gib"])
 
 
 def report(cfg, measured, micro, estimates, exact, vocab, large, steps, mini_batches, smoke, machine) -> str:

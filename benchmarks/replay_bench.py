@@ -17,8 +17,11 @@ identical model: ``torch.optim.AdamW`` over the model's parameters (in the train
 main params), gradients clipped by hand with ``torch.nn.utils.clip_grad_norm_``. The ratio is
 learner step time / hand-written step time; the optimizer part of each step (zero_grad + clip +
 update, i.e. everything but forward and backward) is reported too. The float32 learner step is the
-"no replay" phase itself. A check before timing: on equal weights both report the same gradient
-norm (float32).
+"no replay" phase itself. Checks before timing: on equal weights both report the same gradient
+norm (float32); a forward replaying the recorded routing (R2) replays every token and chooses what
+the model chose itself (agreement 1.0 on every layer), and one replaying the rollout routing (R3)
+replays every token and differs from the model's own routing on some (``ModelReplay`` verifies in
+every replayed forward that the routing used is the routing given).
 
 Each repetition runs all phases in a shuffled order; medians are reported.
 
@@ -38,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from checks import require
 from machine import describe
 from routing_replay.megatron.hf_checkpoint import build_model
 from routing_replay.megatron.learner import Learner, OptimizerSettings
@@ -129,8 +133,8 @@ def main() -> None:
     # below compare the optimisation, not different work.
     norms = {"megatron-core learner": learner_step("float32", None, Timer()), "hand-written loop": hand_step("float32", Timer())}
     check = f"{norms['megatron-core learner']:.6g} (learner) vs {norms['hand-written loop']:.6g} (hand-written)"
-    if abs(norms["megatron-core learner"] / norms["hand-written loop"] - 1) > 1e-4:
-        raise SystemExit(f"float32 gradient norms differ on equal weights: {check}")
+    require(abs(norms["megatron-core learner"] / norms["hand-written loop"] - 1) <= 1e-4,
+            f"float32 gradient norms differ on equal weights: {check}")
 
     recorded = old_forward(True)
     # Rollout routing as an inference engine returns it: the trainer's own routing with ~10% of the
@@ -140,6 +144,25 @@ def main() -> None:
         other = torch.rand(tokens, shape["experts"], generator=gen).argsort(1)[:, : shape["top_k"]]
         flip = torch.rand(tokens, generator=gen) < 0.1
         rollout.append(torch.where(flip[:, None], other, own))
+
+    def replayed_forward(plan: list[torch.Tensor], name: str):
+        """The report of one replayed forward (no update): every token of every layer replayed."""
+        with torch.no_grad(), replay.replaying(plan):
+            score(model, batch)
+        result = replay.report()
+        require(result.replayed == [tokens] * replay.num_layers,
+                f"{name}: replayed tokens per layer {result.replayed}, expected {tokens} on each")
+        return result
+
+    r2 = replayed_forward(recorded, "R2")
+    require(r2.agreement == [1.0] * replay.num_layers, "R2: replaying the routing just recorded must choose what"
+            f" the model chose; agreement per layer {r2.agreement}")
+    r3 = replayed_forward(rollout, "R3")
+    require(r3.tokens_differing > 0,
+            "R3: the rollout routing equals the model's own: the R3 phase would replay nothing new")
+    replay_check = (f"R2 agreement {min(r2.agreement):.3f} (every layer, {tokens} tokens each); R3 agreement"
+                    f" {min(r3.agreement):.3f} to {max(r3.agreement):.3f} per layer, {r3.tokens_differing} of {tokens}"
+                    " tokens routed differently from the model's own in some layer")
 
     runs = {"old forward": lambda t: old_forward(False), "old forward + R2 record": lambda t: old_forward(True),
             "step, no replay": lambda t: learner_step("float32", None, t),
@@ -169,13 +192,13 @@ def main() -> None:
              ("step, R3 replay", "step, no replay"), ("step, no replay", "hand-written, float32"),
              ("learner, bfloat16", "hand-written, bfloat16")}
     paired = {pair: statistics.median(a / b for a, b in zip(times[pair[0]], times[pair[1]], strict=True)) for pair in pairs}
-    text = report(shape, batch_size, seq, med, opt, paired, check, args.smoke, reps)
+    text = report(shape, batch_size, seq, med, opt, paired, check, replay_check, args.smoke, reps)
     print(text)
     if args.out:
         args.out.write_text(text)
 
 
-def report(shape, batch_size, seq, med, opt, paired, check, smoke, reps) -> str:
+def report(shape, batch_size, seq, med, opt, paired, check, replay_check, smoke, reps) -> str:
     def overhead(name, base):
         return f"{100 * (med[name] / med[base] - 1):+.1f}% | {100 * (paired[name, base] - 1):+.1f}%"
 
@@ -200,6 +223,7 @@ def report(shape, batch_size, seq, med, opt, paired, check, smoke, reps) -> str:
              f"| train step, R3 replay | {med['step, R3 replay']:.3f} | {overhead('step, R3 replay', 'step, no replay')} |",
              "", f"Goal: <= 3% overhead for replay (verification included), paired: R2 {goal('step, R2 replay')}, "
              f"R3 {goal('step, R3 replay')}.", "",
+             f"Replay check before timing (one replayed forward each): {replay_check}.", "",
              "## megatron-core learner vs the hand-written loop (same batch, no replay)", "",
              "| dtype | hand-written step s | learner step s | learner / hand-written (medians) | (paired) |"
              " hand-written optimizer part s | learner optimizer part s |", "|---|---|---|---|---|---|---|"]

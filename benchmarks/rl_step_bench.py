@@ -10,6 +10,9 @@ job's trainer rank reports its peak RSS (the Ray worker process: imports include
 ``benchmarks/learner_bench.py`` measures it net of imports at the shape ``memory_estimate`` plans
 for).
 
+Every timed step must report every phase (a finite number of seconds, the step's above 0) and no
+missing routing; otherwise the run stops naming the mode, the step and what was missing.
+
     python benchmarks/rl_step_bench.py [--reps 8] [--out benchmarks/results/rl-step-cpu.md]
     python benchmarks/rl_step_bench.py --smoke
 """
@@ -23,6 +26,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from checks import require, require_keys, require_positive
 from machine import describe
 from routing_replay import config
 from routing_replay.orchestration import driver
@@ -71,13 +75,17 @@ def main() -> None:
         for rep in range(reps + 1):  # the first repetition warms up and is not counted
             for mode in order.sample(MODES, len(MODES)):
                 metrics = jobs[mode].step(rep + 1)
+                check_step(metrics, mode, rep + 1)
                 if rep:
                     for phase in PHASES:
-                        times[mode][phase].append(metrics.get(phase, 0.0))
+                        times[mode][phase].append(metrics[phase])
         for mode, job in jobs.items():  # each trainer rank's own process (Linux reports KiB)
             peaks[mode] = ray.get([rank.__ray_call__.remote(
                 lambda _rank: __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss * 1024)
                 for rank in job.trainers])
+            require(peaks[mode], f"mode {mode}: no trainer rank reported its peak RSS")
+            for rank, peak in enumerate(peaks[mode]):
+                require_positive(f"mode {mode}: trainer rank {rank} peak RSS", peak)
     finally:
         for job in jobs.values():
             job.close()
@@ -88,8 +96,18 @@ def main() -> None:
         args.out.write_text(report)
 
 
+def check_step(metrics: dict[str, float], mode: str, step: int) -> None:
+    """The step's metrics carry every phase timed here, and the rollout's routing all arrived."""
+    what = f"mode {mode}, step {step}"
+    require_keys(f"{what}: phase times", metrics, PHASES)
+    for phase in ("time/rollout", "time/step"):  # the report divides by these
+        require_positive(f"{what}: {phase}", metrics[phase])
+    require(metrics.get("routing/missing") == 0, f"{what}: routing/missing is {metrics.get('routing/missing')!r},"
+                                                 " expected 0 (every rollout's routing delivered)")
+
+
 def render(times, peaks, base: config.JobConfig, args) -> str:
-    median = {m: {p: statistics.median(v) if v else 0.0 for p, v in times[m].items()} for m in MODES}
+    median = {m: {p: statistics.median(v) for p, v in times[m].items()} for m in MODES}
     compute = {m: median[m]["time/old_logprob"] + median[m]["time/update"] for m in MODES}
     r = base.rollout
     lines = [
@@ -112,7 +130,7 @@ def render(times, peaks, base: config.JobConfig, args) -> str:
     for m in ("R2", "R3"):
         replay = compute[m] - compute["none"]
         transfer = median[m]["time/routing_take"]
-        share = (replay + transfer) / median[m]["time/step"] if median[m]["time/step"] else float("nan")
+        share = (replay + transfer) / median[m]["time/step"]
         verdict = "met" if share <= 0.03 else "MISSED"
         lines.append(f"- {m}: replay {replay * 1e3:+.1f} ms (old-logprob + update vs none), routing transfer "
                      f"{transfer * 1e3:.1f} ms -> {share:.1%} of the step (goal <= 3%: {verdict})")

@@ -12,6 +12,11 @@ of prefill and decode throughput are reported, with
 - bytes per token delivered by each path (ours: uint8 on the wire; SGLang: int32, and its base64
   JSON as measured in the responses).
 
+Checks (the run stops naming what differed): every HTTP response is a 200; every request of the
+recording paths delivers routing of its full shape (prompt + output - 1 rows); and before timing,
+the same prompts sent one at a time to the recording server and to SGLang's own capture give the
+same outputs and the same routing, ours as received by the collector.
+
     python benchmarks/sglang_bench.py [--reps 3] [--out benchmarks/results/sglang-cpu.md]
     python benchmarks/sglang_bench.py --smoke      # tiny model, one repetition (CI)
 """
@@ -19,6 +24,7 @@ of prefill and decode throughput are reported, with
 from __future__ import annotations
 
 import argparse
+import base64
 import concurrent.futures
 import json
 import statistics
@@ -26,9 +32,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import requests
 import torch
 
+from checks import require, require_equal
 from machine import describe
 from routing_replay.sglang.client import routing_params
 from routing_replay.sglang.recording import PROFILE_ENV
@@ -49,12 +57,53 @@ def run_batch(server: SGLangServer, mode: str, prompts: list[list[int]], new_tok
             params["custom_params"] = routing_params(key=f"{tag}-{i}")
         elif mode == "own":
             body["return_routed_experts"] = True
-        return requests.post(f"{server.url}/generate", json=body, timeout=600).json()
+        response = requests.post(f"{server.url}/generate", json=body, timeout=600)
+        require(response.status_code == 200, f"{mode} server answered HTTP {response.status_code} to request {i}"
+                                             f" ({tag}): {response.text[:500]}")
+        return response.json()
 
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
         responses = list(pool.map(one, enumerate(prompts)))
     return time.perf_counter() - start, responses
+
+
+def routing_rows(response: dict) -> int:
+    """Rows of routing a request produces: every processed token but the last (it has no forward)."""
+    return response["meta_info"]["prompt_tokens"] + len(response["output_ids"]) - 1
+
+
+def own_routing(response: dict, shape: dict) -> np.ndarray:
+    """SGLang's own ``routed_experts`` of one response: base64 of int32 ``[rows, layers, top_k]``."""
+    require("routed_experts" in response.get("meta_info", {}), "own server: a response has no meta_info.routed_experts")
+    flat = np.frombuffer(base64.b64decode(response["meta_info"]["routed_experts"]), dtype=np.int32)
+    want = (routing_rows(response), shape["layers"], shape["top_k"])
+    require(flat.size == np.prod(want), f"own server: routed_experts holds {flat.size} ids, expected {want}")
+    return flat.reshape(want)
+
+
+def take_delivered(collector: RoutingCollector, responses: dict[str, dict], shape: dict) -> None:
+    """The collector received each request's routing (key -> its response), of the request's full shape."""
+    got = collector.take(list(responses), timeout=120)
+    for key, response in responses.items():
+        want = (routing_rows(response), shape["layers"], shape["top_k"])
+        require(tuple(got[key].routing.shape) == want,
+                f"ours: routing of {key} has shape {tuple(got[key].routing.shape)}, expected {want}")
+
+
+def check_paths_agree(servers: dict, collector: RoutingCollector, prompts: list[list[int]], new_tokens: int,
+                      shape: dict) -> None:
+    """One request at a time (no batching differences), the same prompts to the recording server and to
+    SGLang's own capture: the same output ids, and the routing our collector receives equals SGLang's."""
+    for i, prompt in enumerate(prompts):
+        _, (ours,) = run_batch(servers["ours"], "ours", [prompt], new_tokens, f"check{i}")
+        _, (own,) = run_batch(servers["own"], "own", [prompt], new_tokens, f"check{i}")
+        require(ours["output_ids"] == own["output_ids"],
+                f"prompt {i}: the recording server generated {ours['output_ids']},"
+                f" SGLang's own capture {own['output_ids']}")
+        delivered = collector.take([f"check{i}-0"], timeout=120)[f"check{i}-0"].routing
+        require_equal(f"prompt {i}: routing received by our collector against SGLang's own routed_experts",
+                      delivered, own_routing(own, shape))
 
 
 def main() -> None:
@@ -88,25 +137,30 @@ def main() -> None:
         try:
             for server in servers.values():
                 server.wait_healthy(300)
+            check_gen = torch.Generator().manual_seed(1)  # its own prompts: the timed ones stay as they were
+            check_prompts = torch.randint(10, vocab, (2, decode[1]), generator=check_gen).tolist()
+            check_paths_agree(servers, collector, check_prompts, decode[2], shape)
             results: dict[str, dict[str, list[float]]] = {m: {"prefill": [], "decode": []} for m in servers}
             base64_bytes, rows_seen = 0, 0
             order = list(servers)
             for rep in range(reps + 1):  # repetition 0 warms every server up and is discarded
                 for mode in order[rep % 3:] + order[: rep % 3]:
                     server = servers[mode]
-                    seconds, _ = run_batch(server, mode, prompts(*prefill), 1, f"p{rep}")
+                    seconds, prefilled = run_batch(server, mode, prompts(*prefill), 1, f"p{rep}")
                     if rep:
                         results[mode]["prefill"].append(prefill[0] * prefill[1] / seconds)
                     seconds, responses = run_batch(server, mode, prompts(*decode[:2]), decode[2], f"d{rep}")
                     if rep:
                         results[mode]["decode"].append(decode[0] * decode[2] / seconds)
                     if mode == "ours":
-                        collector.take([f"{t}{rep}-{i}" for t in "pd" for i in range(max(prefill[0], decode[0]))
-                                        if i < (prefill[0] if t == "p" else decode[0])], timeout=120)
+                        take_delivered(collector, {**{f"p{rep}-{i}": r for i, r in enumerate(prefilled)},
+                                                   **{f"d{rep}-{i}": r for i, r in enumerate(responses)}}, shape)
                     if mode == "own":
+                        for r in prefilled:
+                            own_routing(r, shape)
                         for r in responses:
                             base64_bytes += len(r["meta_info"]["routed_experts"])
-                            rows_seen += len(r["output_ids"]) + decode[1] - 1
+                            rows_seen += len(own_routing(r, shape))
         finally:
             for server in servers.values():
                 server.stop()

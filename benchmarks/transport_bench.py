@@ -14,6 +14,11 @@ Moves the routing of a batch of 64 samples x 4096 tokens of Qwen3-30B-A3B (48 la
 Each repetition runs the paths in a shuffled order; medians are reported with ratios. Goals: ours-socket
 >= 80% of raw-tcp; ours end to end >= 20x faster than peers; ours-shm at least as fast as ray.
 
+After each transfer (outside its timing) the consumer checks that what arrived equals what was sent,
+sample by sample and byte by byte (the trainer actor keeps what it received until the check reads
+hashes of it; the peers' path also needs HTTP 200s); a difference stops the run before any ratio
+is printed.
+
     python benchmarks/transport_bench.py [--reps 5] [--out benchmarks/results/transport-cpu.md]
     python benchmarks/transport_bench.py --smoke      # tiny batch, one repetition (CI)
 """
@@ -21,6 +26,7 @@ Each repetition runs the paths in a shuffled order; medians are reported with ra
 from __future__ import annotations
 
 import argparse
+import hashlib
 import http.client
 import http.server
 import multiprocessing as mp
@@ -37,6 +43,7 @@ import orjson
 import pybase64
 import torch
 
+from checks import BenchmarkCheckFailed, require, require_equal
 from machine import describe
 from routing_replay.wire import CollectorConfig, RoutingCollector, RoutingMeta, RoutingSender, SenderConfig
 
@@ -47,6 +54,20 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # with _node_ip
 def make_batch(samples: int, tokens: int) -> list[np.ndarray]:
     rng = np.random.default_rng(0)
     return [rng.integers(0, EXPERTS, (tokens, LAYERS, TOP_K), dtype=np.uint8) for _ in range(samples)]
+
+
+def digest(array: np.ndarray) -> str:
+    """What an array holds, comparable across processes: dtype, shape and a hash of its bytes."""
+    return f"{array.dtype}{array.shape}:{hashlib.blake2b(np.ascontiguousarray(array).data).hexdigest()}"
+
+
+def require_same_digests(path: str, got: list[str], want: list[str]) -> None:
+    require(len(got) == len(want), f"{path}: the trainer received {len(got)} arrays, {len(want)} were sent")
+    differing = [i for i, (a, b) in enumerate(zip(got, want)) if a != b]
+    if differing:
+        first = differing[0]
+        raise BenchmarkCheckFailed(f"{path}: the trainer received other content than was sent for sample(s)"
+                                   f" {differing}; sample {first} arrived as {got[first]}, was sent as {want[first]}")
 
 
 # ---- producer process -----------------------------------------------------------------------
@@ -112,20 +133,22 @@ def serve_http(batch: list[np.ndarray]) -> int:
 # ---- consumer side (this process) -----------------------------------------------------------
 
 
-def run_ours(conn, collector: RoutingCollector, samples: int, use_shm: bool, rep: int) -> float:
-    keys = [f"r{rep}-s{i}" for i in range(samples)]
+def run_ours(conn, collector: RoutingCollector, batch: list[np.ndarray], use_shm: bool, rep: int, path: str) -> float:
+    keys = [f"r{rep}-s{i}" for i in range(len(batch))]
     start = time.perf_counter()
     conn.send(("ours", collector.address, use_shm, rep))
     got = collector.take(keys, timeout=600)
     elapsed = time.perf_counter() - start
-    assert all(s.routing.shape[1:] == (LAYERS, TOP_K) for s in got.values())
+    for i, key in enumerate(keys):
+        require_equal(f"{path}: routing of sample {i} ({key}) as received", got[key].routing, batch[i])
     del got
     conn.recv()
     return elapsed
 
 
-def run_raw_tcp(conn, total_bytes: int) -> float:
+def run_raw_tcp(conn, sent: np.ndarray) -> float:
     listener = socket.create_server(("127.0.0.1", 0))
+    total_bytes = sent.nbytes
     buffer = bytearray(total_bytes)
     view = memoryview(buffer)
     start = time.perf_counter()
@@ -138,30 +161,40 @@ def run_raw_tcp(conn, total_bytes: int) -> float:
     peer.close()
     listener.close()
     conn.recv()
+    require_equal("raw-tcp: bytes received", buffer, sent)
     return elapsed
 
 
-def run_peers(http_port: int, samples: int, trainer) -> float:
+def run_peers(http_port: int, samples: int, trainer, sent: list[str]) -> float:
     import ray
 
     start = time.perf_counter()
     client = http.client.HTTPConnection("127.0.0.1", http_port)
-    refs = []
+    refs, statuses = [], []
     for i in range(samples):
         client.request("GET", f"/sample/{i}")
-        payload = orjson.loads(client.getresponse().read())
+        response = client.getresponse()
+        statuses.append(response.status)
+        payload = orjson.loads(response.read())
         rows = np.frombuffer(pybase64.b64decode(payload["meta_info"]["routed_experts"]), dtype=np.int32)
         refs.append(ray.put(rows))
     ray.get(trainer.receive.remote(refs))
     client.close()
-    return time.perf_counter() - start
+    elapsed = time.perf_counter() - start
+    require(statuses == [200] * samples, f"peers: HTTP statuses {statuses}, expected 200 for every sample")
+    require_same_digests("peers", ray.get(trainer.digests.remote()), sent)
+    return elapsed
 
 
-def run_ray(conn) -> float:
+def run_ray(conn, trainer, sent: list[str]) -> float:
+    import ray
+
     start = time.perf_counter()
     conn.send(("ray",))
     conn.recv()
-    return time.perf_counter() - start
+    elapsed = time.perf_counter() - start
+    require_same_digests("ray", ray.get(trainer.digests.remote()), sent)
+    return elapsed
 
 
 def start_ray():
@@ -169,8 +202,17 @@ def start_ray():
 
     @ray.remote(num_cpus=0)
     class Trainer:
+        def __init__(self) -> None:
+            self.held: list[np.ndarray] = []
+
         def receive(self, refs) -> int:
-            return sum(a.nbytes for a in ray.get(refs))  # the trainer holds every array
+            self.held = ray.get(refs)  # the trainer holds every array (until the check reads them)
+            return sum(a.nbytes for a in self.held)
+
+        def digests(self) -> list[str]:
+            """What the last ``receive`` got (outside the timing), then lets it go."""
+            held, self.held = self.held, []
+            return [digest(a) for a in held]
 
     context = ray.init(num_cpus=2, object_store_memory=2 << 30, include_dashboard=False, namespace="transport-bench",
                        _node_ip_address="127.0.0.1", logging_level="ERROR")
@@ -189,6 +231,9 @@ def main() -> None:
     args = parser.parse_args()
     samples, tokens, reps = (4, 256, 1) if args.smoke else (args.samples, args.tokens, args.reps)
     total = samples * tokens * LAYERS * TOP_K
+    batch = make_batch(samples, tokens)  # what the producer sends (the same seed): the checks' reference
+    sent_bytes = np.concatenate([b.ravel() for b in batch])
+    sent_uint8, sent_int32 = [digest(b) for b in batch], [digest(b.astype(np.int32).ravel()) for b in batch]
 
     import ray
 
@@ -205,12 +250,13 @@ def main() -> None:
     times: dict[str, list[float]] = {}
     try:
         paths = {
-            "ours-socket": lambda rep: run_ours(conn, collector, samples, False, 3 * rep),
-            "ours-socket (no checksum check)": lambda rep: run_ours(conn, trusting, samples, False, 3 * rep + 1),
-            "ours-shm": lambda rep: run_ours(conn, collector, samples, True, 3 * rep + 2),
-            "raw-tcp": lambda rep: run_raw_tcp(conn, total),
-            "peers": lambda rep: run_peers(http_port, samples, trainer),
-            "ray": lambda rep: run_ray(conn),
+            "ours-socket": lambda rep: run_ours(conn, collector, batch, False, 3 * rep, "ours-socket"),
+            "ours-socket (no checksum check)": lambda rep: run_ours(conn, trusting, batch, False, 3 * rep + 1,
+                                                                    "ours-socket (no checksum check)"),
+            "ours-shm": lambda rep: run_ours(conn, collector, batch, True, 3 * rep + 2, "ours-shm"),
+            "raw-tcp": lambda rep: run_raw_tcp(conn, sent_bytes),
+            "peers": lambda rep: run_peers(http_port, samples, trainer, sent_int32),
+            "ray": lambda rep: run_ray(conn, trainer, sent_uint8),
         }
         order = random.Random(0)
         for rep in range(reps + 1):  # repetition 0 warms every path up and is discarded

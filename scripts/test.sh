@@ -21,6 +21,6 @@ echo "[test] pytest"
 echo "[test] benchmark smoke runs"
 for bench in benchmarks/*_bench.py; do
   echo "[test] $bench --smoke"
-  "$PY" "$bench" --smoke > /dev/null
+  "$PY" "$bench" --smoke
 done
 echo "[test] all green"

@@ -262,6 +262,8 @@ class WandbSection(_Section):
 class RunSection(_Section):
     output_dir: str = "runs/default"
     seed: int = 0
+    """Seeds the prompts, the tiny model's weights, the trainer and SGLang's sampling (engine i:
+    ``--random-seed seed + i``, unless ``rollout.sglang_args`` sets one)."""
     checkpoint_every: int = Field(default=0, ge=0)
     gpus: int = Field(default=0, ge=0)
     """GPUs the job may use (0: CPU)."""

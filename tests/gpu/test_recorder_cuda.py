@@ -50,14 +50,21 @@ def test_cuda_matches_cpu_backend(layout):
 def test_gather_is_asynchronous_and_waitable():
     layout = LAYOUTS[1]
     gpu = RoutingRecorder(layout, num_slots=8192, device="cuda")
-    slots = torch.arange(4096, device="cuda")
-    ids = torch.zeros((4096, 8), dtype=torch.int64, device="cuda")
+    slots = torch.randperm(8192, generator=torch.Generator().manual_seed(1))[:4096].cuda()
+    # Before anything is recorded: warms the allocators (the gather below allocates without syncing),
+    # and leaves zeros and "not recorded" in the pinned blocks that gather reuses.
+    assert not gpu.gather(slots).wait().valid.any()
+    gen = torch.Generator().manual_seed(0)
+    ids = [random_topk(4096, layout, "cuda", gen) for _ in range(layout.num_layers)]
     for layer in range(layout.num_layers):
-        gpu.record(layer, slots, ids)
+        gpu.record(layer, slots, ids[layer])
+    torch.cuda._sleep(1 << 30)  # ~0.5 s of GPU work queued on the stream ahead of the gather's copies
     handle = gpu.gather(slots)
+    assert not handle.done(), "gather waited for the stream: it must return while its copy is still queued"
     rows = handle.wait()
     assert handle.done()
-    assert rows.complete and rows.ids.shape == (4096, 48, 8)
+    assert rows.complete, "wait() returned before the copy landed"
+    assert torch.equal(rows.ids.long(), torch.stack(ids, dim=1).cpu())
 
 
 def test_bad_ids_and_slots_are_counted_and_reported_at_gather():

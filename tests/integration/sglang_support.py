@@ -38,7 +38,10 @@ MALFORMED_CUSTOM_PARAMS: list[tuple[object, str]] = [
       for value in (1, 0, "yes", "true", [], {"v": True}, 1.0)],
 ]
 
-SERVER_ARGS = ("--dtype", "float32", "--max-total-tokens", "4096", "--skip-server-warmup", "--mem-fraction-static", "0.5")
+LAYERS, TOP_K = 2, 2  # of the tiny checkpoints
+# --random-seed: SGLang seeds its sampling from it (random otherwise), so sampled requests reproduce.
+SERVER_ARGS = ("--dtype", "float32", "--max-total-tokens", "4096", "--skip-server-warmup", "--mem-fraction-static", "0.5",
+               "--random-seed", "0")
 
 
 def start_server(model: Path, log: Path, *args: str, env: dict | None = None) -> SGLangServer:
@@ -46,9 +49,11 @@ def start_server(model: Path, log: Path, *args: str, env: dict | None = None) ->
 
 
 def generate(server: SGLangServer, prompt: str | list[int], *, max_new_tokens: int = 8, temperature: float = 0.0,
-             routing: dict | None = None, own: bool = True, timeout: float = 120) -> dict:
-    body = {"sampling_params": {"max_new_tokens": max_new_tokens, "temperature": temperature, "ignore_eos": True},
-            "return_routed_experts": own}
+             seed: int | None = None, routing: dict | None = None, own: bool = True, timeout: float = 120) -> dict:
+    """``seed`` (SGLang's ``sampling_seed``) is required when sampling, so that a failure reproduces."""
+    assert temperature == 0.0 or seed is not None, "a sampled request needs a seed"
+    body = {"sampling_params": {"max_new_tokens": max_new_tokens, "temperature": temperature, "ignore_eos": True,
+                                "sampling_seed": seed}, "return_routed_experts": own}
     body["input_ids" if isinstance(prompt, list) else "text"] = prompt
     if routing is not None:
         body["sampling_params"]["custom_params"] = routing
@@ -67,12 +72,36 @@ def inline_routing(server: SGLangServer, prompt, **kwargs) -> tuple[dict, torch.
 
 
 def sglang_own_routing(response: dict, layers: int, top_k: int) -> torch.Tensor:
-    """SGLang's own --enable-return-routed-experts rows: base64 int32 [rows, layers, top_k]."""
+    """SGLang's own --enable-return-routed-experts rows of a ``/generate`` response: [rows, layers, top_k]."""
+    return decode_sglang_routed_experts(response["meta_info"]["routed_experts"],
+                                        len(response["output_ids"]) + response["meta_info"]["prompt_tokens"] - 1,
+                                        layers, top_k)
+
+
+def decode_sglang_routed_experts(encoded: str, rows: int, layers: int, top_k: int) -> torch.Tensor:
+    """SGLang's own capture as it sends it (base64 int32) as int64 [rows, layers, top_k]."""
     import pybase64
 
-    flat = np.frombuffer(pybase64.b64decode(response["meta_info"]["routed_experts"]), dtype=np.int32)
-    return torch.from_numpy(flat.copy()).view(len(response["output_ids"]) + response["meta_info"]["prompt_tokens"] - 1,
-                                              layers, top_k).long()
+    flat = np.frombuffer(pybase64.b64decode(encoded), dtype=np.int32)
+    return torch.from_numpy(flat.copy()).view(rows, layers, top_k).long()
+
+
+def check_rows_against_references(server: SGLangServer, tokens: list[int], ours: torch.Tensor,
+                             own: torch.Tensor | None = None, moe_layers: tuple[int, ...] = (0, 1)) -> None:
+    """``ours`` (the rows of ``tokens``) equals SGLang's own capture ``own`` (rows of every decoder
+    layer) exactly, and Hugging Face's router top-k sets for at least 99% of (token, layer)."""
+    assert ours.shape == (len(tokens) - 1, len(moe_layers), TOP_K)  # the last token has no row
+    if own is not None:
+        assert torch.equal(ours, own[:, list(moe_layers)])
+    agreement = same_sets(ours, hf_routing(str(server.model_path), tokens[:-1], TOP_K)).float().mean().item()
+    assert agreement >= 0.99, f"only {agreement:.3f} of (token, layer) routing sets agree with Hugging Face"
+
+
+def check_against_references(server: SGLangServer, response: dict, ours: torch.Tensor, prompt,
+                             own: bool = True, moe_layers: tuple[int, ...] = (0, 1)) -> None:
+    """``check_rows_against_references`` for a ``/generate`` response to ``prompt``."""
+    check_rows_against_references(server, token_ids(server, response, prompt), ours,
+                                  sglang_own_routing(response, -1, TOP_K) if own else None, moe_layers)
 
 
 def token_ids(server: SGLangServer, response: dict, prompt) -> list[int]:
@@ -121,6 +150,11 @@ def wait_until(condition: Callable[[], object], timeout: float, what: str, every
         if time.monotonic() > deadline:
             raise TimeoutError(f"not within {timeout:.0f}s: {what}")
         time.sleep(every)
+
+
+def running_requests(server: SGLangServer) -> int:
+    loads = requests.get(f"{server.url}/v1/loads", params={"include": "core"}, timeout=10).json()["loads"]
+    return sum(load["num_running_reqs"] for load in loads)
 
 
 def sglang_processes(server: SGLangServer) -> dict[str, int]:

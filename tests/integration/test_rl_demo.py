@@ -2,7 +2,8 @@
 
 It must finish on a 2-core CPU machine in under 10 minutes and learn: the mean reward of the last
 10 steps must beat that of the first 10 by at least REWARD_MARGIN (fixed task and seed; SGLang's
-sampling is not seeded, so the margin leaves room for its noise).
+sampling is seeded, but its batching of concurrent requests still varies, so the margin leaves room
+for that noise).
 """
 
 from __future__ import annotations

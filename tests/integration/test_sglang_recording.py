@@ -16,32 +16,25 @@ from routing_replay.sglang.client import RoutingNotReturned, decode_inline, rout
 from routing_replay.wire import token_hash
 from tests.integration.sglang_support import (
     MALFORMED_CUSTOM_PARAMS,
+    LAYERS,
+    TOP_K,
+    check_against_references,
+    check_rows_against_references,
+    decode_sglang_routed_experts,
     generate,
     hf_routing,
     hf_tokenizer,
     inline_routing,
+    running_requests,
     same_sets,
-    sglang_own_routing,
     sglang_processes,
     start_server,
     token_ids,
     wait_until,
 )
 
-LAYERS, TOP_K = 2, 2
 PROMPTS = ["The quick brown fox", "Hello world! Mixture of experts models route every token.",
            "What is 3 + 4? The answer is", "0123456789 abcdefghij"]
-
-
-def check_against_references(server, response, ours: torch.Tensor, prompt, own: bool = True,
-                             moe_layers: tuple[int, ...] = (0, 1)) -> None:
-    tokens = token_ids(server, response, prompt)
-    assert ours.shape == (len(tokens) - 1, len(moe_layers), TOP_K)  # the last token has no row
-    if own:  # SGLang's own rows cover every decoder layer; ours only those with a router
-        own_rows = sglang_own_routing(response, -1, TOP_K)
-        assert torch.equal(ours, own_rows[:, list(moe_layers)])
-    agreement = same_sets(ours, hf_routing(str(server.model_path), tokens[:-1], TOP_K)).float().mean().item()
-    assert agreement >= 0.99, f"only {agreement:.3f} of (token, layer) routing sets agree with Hugging Face"
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
@@ -82,8 +75,12 @@ def test_shared_prefix_reuses_cached_rows(qwen3_server):
 
 def test_32_concurrent_sampled_requests(qwen3_server):
     prompts = [f"{PROMPTS[i % 4]} #{i}" for i in range(32)]
+
+    def sampled(i):
+        return inline_routing(qwen3_server, prompts[i], max_new_tokens=12, temperature=1.0, seed=i)
+
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
-        results = list(pool.map(lambda p: inline_routing(qwen3_server, p, max_new_tokens=12, temperature=1.0), prompts))
+        results = list(pool.map(sampled, range(32)))
     for prompt, (response, ours, _) in zip(prompts, results):
         check_against_references(qwen3_server, response, ours, prompt)
 
@@ -107,6 +104,8 @@ def test_multi_turn_rows_start_at_start_len(qwen3_server):
 
 
 def test_aborted_request_is_reported_and_leaves_the_server_correct(qwen3_server):
+    """An aborted request gets the rows of every token it processed, equal to SGLang's own capture
+    and Hugging Face's router; the next request on the same prompt is correct too."""
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(generate, qwen3_server, PROMPTS[2], max_new_tokens=400,
                               routing=routing_params(key="to-abort", inline=True))
@@ -114,8 +113,16 @@ def test_aborted_request_is_reported_and_leaves_the_server_correct(qwen3_server)
         requests.post(f"{qwen3_server.url}/abort_request", json={"abort_all": True}, timeout=10)
         aborted = pending.result(timeout=60)
     assert aborted["meta_info"]["finish_reason"]["type"] == "abort"
-    entries = aborted["meta_info"].get("routing_replay")
-    assert entries, "an aborted request asking for routing must say what became of it"
+    assert 0 < len(aborted["output_ids"]) < 400
+    descriptor = routing_descriptor(aborted)
+    tokens = token_ids(qwen3_server, aborted, PROMPTS[2])
+    assert (descriptor["key"], descriptor["start"]) == ("to-abort", 0)
+    assert descriptor["delivery"] == "queued" and "inline" in descriptor  # to the default sink, and inline
+    assert (descriptor["num_tokens"], descriptor["rows"], descriptor["missing"]) == (len(tokens), len(tokens) - 1, 0)
+    assert descriptor["token_hash"] == token_hash(tokens)
+    ids, valid = decode_inline(descriptor)
+    assert valid is None
+    check_against_references(qwen3_server, aborted, ids.long(), PROMPTS[2])
     response, ours, _ = inline_routing(qwen3_server, PROMPTS[2], max_new_tokens=8)
     check_against_references(qwen3_server, response, ours, PROMPTS[2])
 
@@ -138,11 +145,6 @@ def test_unreachable_sink_completes_generation_and_says_so(qwen3_server):
     assert "unreachable" in entry["error"]
     with pytest.raises(RoutingNotReturned, match="unreachable"):
         routing_descriptor(response)
-
-
-def running_requests(server) -> int:
-    loads = requests.get(f"{server.url}/v1/loads", params={"include": "core"}, timeout=10).json()["loads"]
-    return sum(load["num_running_reqs"] for load in loads)
 
 
 def malformed_requests() -> list[tuple[str, dict, str]]:
@@ -190,22 +192,30 @@ def test_malformed_routing_requests_are_400s_and_the_server_keeps_serving(qwen3_
 
 
 def test_openai_endpoints_keep_working_and_deliver_routing(qwen3_server, routing_collector):
+    """Completions and chat completions deliver to the sink, under the given key, the rows of the
+    tokens SGLang processed: equal to SGLang's own capture and Hugging Face's router."""
     import openai
 
     client = openai.OpenAI(base_url=f"{qwen3_server.url}/v1", api_key="none")
     plain = client.completions.create(model="default", prompt=PROMPTS[0], max_tokens=4, temperature=0)
     assert plain.choices[0].text is not None
+    compare = {"return_token_ids": True, "return_routed_experts": True}  # the tokens, and SGLang's own capture
     completion = client.completions.create(
         model="default", prompt=PROMPTS[0], max_tokens=5, temperature=0,
-        extra_body={"custom_params": routing_params(key="openai-completion")},
+        extra_body={"custom_params": routing_params(key="openai-completion"), **compare},
     )
     chat = client.chat.completions.create(
         model="default", messages=[{"role": "user", "content": PROMPTS[1]}], max_tokens=5, temperature=0,
-        extra_body={"custom_params": routing_params(key="openai-chat")},
+        extra_body={"custom_params": routing_params(key="openai-chat"), "return_prompt_token_ids": True, **compare},
     )
-    for key, usage in (("openai-completion", completion.usage), ("openai-chat", chat.usage)):
-        sample = routing_collector.get(key, timeout=30)
-        assert sample.routing.shape == (usage.prompt_tokens + usage.completion_tokens - 1, LAYERS, TOP_K)
+    completion_tokens = completion.choices[0].prompt_token_ids + completion.choices[0].token_ids
+    chat_tokens = chat.choices[0].prompt_token_ids + chat.choices[0].response_token_ids
+    for key, tokens, response in (("openai-completion", completion_tokens, completion),
+                                  ("openai-chat", chat_tokens, chat)):
+        assert len(tokens) == response.usage.prompt_tokens + response.usage.completion_tokens
+        sample = routing_collector.get(key, timeout=30, token_ids=tokens)  # refused unless the token hash matches
+        own = decode_sglang_routed_experts(response.sglext["routed_experts"], len(tokens) - 1, -1, TOP_K)
+        check_rows_against_references(qwen3_server, tokens, sample.routing.long(), own)
 
 
 def test_weight_update_never_delivers_rows_of_old_weights(qwen3_server, tiny_models, tmp_path):

@@ -15,40 +15,21 @@ from __future__ import annotations
 import gc
 import random
 import time
-from collections.abc import Callable
 
 import msgspec
 import pytest
 import torch
 import zmq
 
-from routing_replay.wire import CollectorConfig, RoutingCollector, RoutingMeta, RoutingSender, SenderConfig, token_hash
+from routing_replay.wire import CollectorConfig, CollectorStats, RoutingCollector, RoutingSender, SenderConfig
 from routing_replay.wire import format as wf
+from tests.integration.test_wire_transport import make_routing, meta_for, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
 MESSAGES_PER_LOOP = 10_000
 FAST = dict(ack_timeout_s=0.5, heartbeat_s=0.2)
 Message = list[bytes]
-
-
-def routing(rows: int, layers: int, top_k: int, experts: int, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    dtype = torch.uint8 if experts <= 256 else torch.int16
-    return torch.randint(0, experts, (rows, layers, top_k), generator=gen).to(dtype)
-
-
-def meta(key: str, ids: torch.Tensor, experts: int) -> RoutingMeta:
-    tokens = list(range(ids.shape[0] + 1))
-    return RoutingMeta(key, experts, len(tokens), token_hash(tokens), weight_version="v1")
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
-    """Waits for observed state, bounded: the fuzz is fast, a stuck loop is a failure."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 # ---- capture: real messages of every kind ------------------------------------------------------
@@ -66,11 +47,11 @@ def capture_sender_messages(sender: RoutingSender) -> list[Message]:
     address = f"tcp://127.0.0.1:{tap.bind_to_random_port('tcp://127.0.0.1')}"
     mask = torch.rand(6, 4, generator=torch.Generator().manual_seed(2)) > 0.3
     samples = [  # key, routing, experts, valid, layers
-        ("frames", routing(5, 3, 2, 8, 0), 8, None, None),
-        ("masked", routing(6, 4, 2, 8, 1), 8, mask, None),
-        ("int16", routing(4, 2, 8, 512, 3), 512, None, None),
-        ("slice", routing(7, 6, 2, 16, 4), 16, None, (2, 5)),
-        ("shm", routing(300, 48, 8, 128, 5), 128, None, None),  # 115 KB: over shm_min_bytes
+        ("frames", make_routing(5, 3, 2, 8, 0), 8, None, None),
+        ("masked", make_routing(6, 4, 2, 8, 1), 8, mask, None),
+        ("int16", make_routing(4, 2, 8, 512, 3), 512, None, None),
+        ("slice", make_routing(7, 6, 2, 16, 4), 16, None, (2, 5)),
+        ("shm", make_routing(300, 48, 8, 128, 5), 128, None, None),  # 115 KB: over shm_min_bytes
     ]
     captured: list[Message] = []
     sender.connect(address)
@@ -86,10 +67,11 @@ def capture_sender_messages(sender: RoutingSender) -> list[Message]:
             tap.send_multipart([identity, wf.encode(wf.Taken(message["key"], "tap-epoch"))])
             continue
         first = not any(_type(m) == "ping" for m in captured[:-1])
-        tap.send_multipart([identity, wf.encode(wf.Pong(message["nonce"], "tap-epoch", message["shm_probe"] is not None))])
+        tap.send_multipart([identity, wf.encode(wf.Pong(message["nonce"], "tap-epoch", message["shm_probe"] is not None, 1 << 30))])
         if first:  # the handshake is done: now the routing, the large sample through /dev/shm
             for key, ids, experts, valid, layers in samples:
-                sender.send(meta(key, ids, experts), ids, address, valid=valid, layers=layers)
+                sender.send(meta_for(key, ids, experts, weight_version="v1"),  # a string field to mutate
+                            ids, address, valid=valid, layers=layers)
     tap.close()
     captured = _one_per_kind(captured)
     shm_descriptors = [m for m in captured if _type(m) == "routing" and msgspec.msgpack.decode(m[0])["shm"]]
@@ -279,6 +261,10 @@ def mutated(corpus: list[Message], other_direction: list[Message], count: int, s
     return out
 
 
+def _outcomes(stats: CollectorStats) -> int:
+    return stats.received + stats.duplicates + stats.pings + sum(stats.rejected.values())
+
+
 def _decodes_to(message: Message, header: wf.RoutingHeader) -> bool:
     try:
         return wf.decode_to_collector(message[0]) == header
@@ -313,11 +299,12 @@ def test_collector_survives_10000_mutated_messages(corpus):
             rogue.send_multipart(message)
             while rogue.poll(0):  # its answers (pongs, acks, rejections) must not pile up
                 rogue.recv_multipart()
-        wait_for(lambda: collector.stats().messages == len(messages), "every message to be read")
+        # `messages` counts a message as it is read, its outcome once handled: wait for the outcomes.
+        wait_for(lambda: _outcomes(collector.stats()) >= len(messages), "every message to be handled", timeout=60)
         elapsed = time.monotonic() - started
         collector.check()  # the thread is alive
         stats = collector.stats()
-        assert stats.received + stats.duplicates + stats.pings + sum(stats.rejected.values()) == len(messages)
+        assert stats.messages == _outcomes(stats) == len(messages)  # each message counted once, as one outcome
         assert stats.rejected  # the mutations were seen as what they are
         assert {"header", "truncated", "frames", "checksum", "shm", "oversized", "payload_bytes", "rows", "layout",
                 "version", "dtype", "key"} <= set(stats.rejected), stats.rejected
@@ -344,8 +331,8 @@ def test_collector_survives_10000_mutated_messages(corpus):
         # And valid traffic still arrives, exactly.
         with RoutingSender(SenderConfig(**FAST)) as sender:
             for i in range(20):
-                ids = routing(3 + i, 4, 2, 8, 100 + i)
-                sender.send(meta(f"after-{i}", ids, 8), ids, collector.address)
+                ids = make_routing(3 + i, 4, 2, 8, 100 + i)
+                sender.send(meta_for(f"after-{i}", ids, 8), ids, collector.address)
                 assert torch.equal(collector.get(f"after-{i}", timeout=10).routing, ids)
         print(f"collector: {len(messages)} mutated messages in {elapsed:.1f}s; rejected {dict(stats.rejected)}; "
               f"received {stats.received}, duplicates {stats.duplicates}, pings {stats.pings}")
@@ -361,8 +348,8 @@ def test_sender_survives_10000_mutated_acknowledgements(corpus):
     address = f"tcp://127.0.0.1:{port}"
     with RoutingSender(SenderConfig(**FAST)) as sender, RoutingCollector() as collector:
         for i in range(8):  # deliveries pending at the hostile end, for acks to act on
-            ids = routing(4, 2, 2, 8, i)
-            sender.send(meta(f"pending-{i}", ids, 8), ids, address)
+            ids = make_routing(4, 2, 2, 8, i)
+            sender.send(meta_for(f"pending-{i}", ids, 8), ids, address)
         assert hostile.poll(10_000), "the sender never reached the hostile collector"
         identity = hostile.recv_multipart()[0]
         for ack in acks:
@@ -370,7 +357,7 @@ def test_sender_survives_10000_mutated_acknowledgements(corpus):
             while hostile.poll(0):
                 hostile.recv_multipart()  # its pings and resends
         wait_for(lambda: (lambda s: s.acks + s.acks_ignored + sum(s.acks_rejected.values()))(sender.stats())
-                 >= len(acks), "every acknowledgement to be read")
+                 >= len(acks), "every acknowledgement to be read", timeout=60)
         sender.check()
         stats = sender.stats()
         # Every ack frame sent was read once; pongs of the hostile end's own answers are not in `acks`.
@@ -379,8 +366,8 @@ def test_sender_survives_10000_mutated_acknowledgements(corpus):
         assert stats.acks_rejected["internal_error"] == 0, "a mutation reached a bug in the sender"
         hostile.close()
         for i in range(20):  # the same sender still delivers, exactly
-            ids = routing(5 + i, 3, 2, 8, 200 + i)
-            delivery = sender.send(meta(f"after-{i}", ids, 8), ids, collector.address)
+            ids = make_routing(5 + i, 3, 2, 8, 200 + i)
+            delivery = sender.send(meta_for(f"after-{i}", ids, 8), ids, collector.address)
             assert torch.equal(collector.get(f"after-{i}", timeout=10).routing, ids)
             delivery.taken.result(timeout=10)
         print(f"sender: {len(acks)} mutated acks; applied {stats.acks}, ignored {stats.acks_ignored}, "

@@ -60,3 +60,12 @@ def test_an_engine_refuses_log_probs_before_temperature(monkeypatch, value):
     monkeypatch.setenv(engines.ORIGINAL_LOGPROB_ENV, value)
     with pytest.raises(engines.EngineConfigError, match="SGLANG_RETURN_ORIGINAL_LOGPROB is set"):
         engines.RolloutEngine(SimpleNamespace(model_path="unused", weight_version="init"))
+
+
+def test_engines_seed_sglang_sampling_unless_the_config_does():
+    spec = engines.EngineSpec(1, "/m", "/logs", ("--skip-server-warmup",), seed=7)
+    assert engines.server_args(spec, "step-3") == ["--record-routing", "--dtype", "float32", "--weight-version", "step-3",
+                                           "--skip-server-warmup", "--random-seed", "7"]
+    for given in (("--random-seed", "5"), ("--random-seed=5",)):
+        args = engines.server_args(engines.EngineSpec(0, "/m", "/logs", given, record_routing=False), "init")
+        assert args.count("--random-seed") + args.count("--random-seed=5") == 1 and args[0] == "--dtype"

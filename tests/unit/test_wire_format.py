@@ -166,7 +166,7 @@ def test_wire_integers_are_bounded_at_decoding():
         with pytest.raises(wf.WireFormatError, match="header"):
             wf.decode_to_collector(msgspec.msgpack.encode({"type": "ping", "nonce": nonce}))
     assert wf.decode_to_collector(msgspec.msgpack.encode({"type": "ping", "nonce": 2**64 - 1})).nonce == 2**64 - 1
-    assert wf.decode_to_sender(wf.encode(wf.Pong(2**64 - 1, "e", True))).nonce == 2**64 - 1
+    assert wf.decode_to_sender(wf.encode(wf.Pong(2**64 - 1, "e", True, 1 << 30))).nonce == 2**64 - 1
 
 
 def test_keys_that_are_not_utf8_are_refused_before_sending():

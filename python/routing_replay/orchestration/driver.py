@@ -16,6 +16,8 @@ import hashlib
 import logging
 import random
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,7 +87,7 @@ class Job:
         self.checkpoints = ckpt.Checkpoints(self.run_dir, cfg.run.keep_checkpoints)
         self.digest = _digest(cfg)
         resumed = self._prepare_run_dir()
-        self._started_ray = connect(cfg)
+        self._started_ray = _connect_keeping_sigterm_handler(cfg)
         try:
             self.model_path = self._initial_model()
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
@@ -252,7 +254,7 @@ class Job:
         engine_specs = [EngineSpec(i, self.weights, str(self.run_dir / "logs"), tuple(cfg.rollout.sglang_args),
                                    cfg.model.rollout_dtype, record_routing=_records_routing(cfg),
                                    weight_version=self.version, gpus=cfg.rollout.gpus_per_engine if cfg.run.gpus else 0,
-                                   tp_size=_tp_size(cfg.rollout.sglang_args))
+                                   tp_size=_tp_size(cfg.rollout.sglang_args), seed=cfg.run.seed + i)
                         for i in range(cfg.rollout.engines)]
         distributed = cfg.rollout.weight_sync == "distributed"
         self.engines = EnginePool(engine_specs, max_restarts=cfg.run.max_engine_restarts,
@@ -398,7 +400,6 @@ class Job:
 
 def train(cfg: job_config.JobConfig, options: Options = Options()) -> Path:
     """Runs the job to ``train.steps``; SIGTERM and Ctrl-C stop every process before returning."""
-    import signal
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
@@ -409,6 +410,16 @@ def train(cfg: job_config.JobConfig, options: Options = Options()) -> Path:
             return job.run()
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _connect_keeping_sigterm_handler(cfg: job_config.JobConfig) -> bool:
+    """``connect``, then the SIGTERM handler set before it (``train``'s) again: ray.init replaces it
+    with its own, which exits (or aborts, in Ray's C++ crash handler) without stopping the job."""
+    handler = signal.getsignal(signal.SIGTERM)
+    started = connect(cfg)
+    if callable(handler) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+    return started
 
 
 def _tp_size(sglang_args: list[str]) -> int:

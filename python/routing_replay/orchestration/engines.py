@@ -62,6 +62,17 @@ class EngineSpec:
     tp_size: int = 1
     """SGLang's --tp-size: the engine's ranks in the weight-broadcast group."""
     request_timeout: float = 300.0
+    seed: int = 0
+    """SGLang's --random-seed (its sampling's generator) unless ``sglang_args`` sets one: a rollout
+    reproduces as far as SGLang's batching allows."""
+
+
+def server_args(spec: EngineSpec, weight_version: str) -> list[str]:
+    """The SGLang server's arguments for ``spec`` serving ``weight_version``."""
+    args = ["--dtype", spec.dtype, "--weight-version", weight_version, *spec.sglang_args]
+    if not any(arg.split("=", 1)[0] == "--random-seed" for arg in spec.sglang_args):
+        args += ["--random-seed", str(spec.seed)]
+    return ["--record-routing", *args] if spec.record_routing else args
 
 
 @dataclass(frozen=True)
@@ -101,9 +112,7 @@ class RolloutEngine:
             raise EngineConfigError(f"{ORIGINAL_LOGPROB_ENV} is set: SGLang would return log-probs before "
                                     "temperature, so mu_old would not be the sampling distribution; unset it")
 
-        args = ["--dtype", self.spec.dtype, "--weight-version", self.weight_version, *self.spec.sglang_args]
-        if self.spec.record_routing:
-            args.insert(0, "--record-routing")
+        args = server_args(self.spec, self.weight_version)
         log_path = Path(self.spec.log_dir) / f"engine{self.spec.index}-start{self.restarts}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         server = SGLangServer(self.model_path, args, log_path=log_path, die_with_parent=True)

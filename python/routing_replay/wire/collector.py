@@ -141,6 +141,7 @@ class RoutingCollector:
     def __init__(self, config: CollectorConfig | None = None) -> None:
         self.config = config or CollectorConfig()
         self.epoch = secrets.token_hex(8)
+        self._max_payload_bytes = min(self.config.max_message_bytes, self.config.budget_bytes)
         self._context = zmq.Context()
         self._stats = CollectorStats()
         self._budget = _Budget(self.config.budget_bytes)
@@ -308,10 +309,10 @@ class RoutingCollector:
             raise wf.WireFormatError("frames", f"{len(extra)} frames after a ping")
         with self._cond:
             self._stats.pings += 1
-        self._send(identity, wf.Pong(ping.nonce, self.epoch, self._probe_ok(ping)))
+        self._send(identity, wf.Pong(ping.nonce, self.epoch, self._probe_ok(ping), self._max_payload_bytes))
 
     def _accept(self, identity: bytes, header: wf.RoutingHeader, frames: list[zmq.Frame]) -> None:
-        header.validate(min(self.config.max_message_bytes, self.config.budget_bytes))
+        header.validate(self._max_payload_bytes)
         with self._cond:
             duplicate = header.key in self._ready or header.key in self._taken
             was_taken = header.key in self._taken

@@ -42,7 +42,9 @@ Control messages (frame 0 only):
 - ``ping`` (sender -> collector): ``nonce`` int, ``shm_probe`` str|nil (a /dev/shm segment holding
   the nonce's 8 bytes, so the collector can prove it shares the sender's /dev/shm).
 - ``pong`` (collector -> sender): ``nonce``, ``epoch`` str (random per collector start; a new
-  epoch tells the sender to resend everything not yet taken), ``shm_ok`` bool.
+  epoch tells the sender to resend everything not yet taken), ``shm_ok`` bool,
+  ``max_payload_bytes`` int (the most payload + mask bytes it accepts: larger routing fails at the
+  sender, ``oversized``, instead of being sent to a socket that would drop it).
 - ``received`` / ``taken`` / ``released`` (collector -> sender): ``key``, ``epoch``. ``received``:
   validated and held; ``taken``: handed to the consumer (the sender stops resending it);
   ``released``: the consumer's last view of a shared-memory region is gone (the sender may reuse it).
@@ -152,6 +154,7 @@ class Pong(msgspec.Struct, tag="pong", tag_field="type", forbid_unknown_fields=T
     nonce: Hash64
     epoch: str
     shm_ok: bool
+    max_payload_bytes: int
 
 
 class _KeyAck(msgspec.Struct, tag_field="type", forbid_unknown_fields=True):

@@ -152,6 +152,8 @@ class _Destination:
     socket: zmq.Socket
     epoch: str | None = None
     shm_ok: bool = False
+    max_payload_bytes: int | None = None
+    """The collector's limit (from its pong): larger routing would be dropped below it by ZMQ."""
     next_ping: float = 0.0
     nonce: int = 0
     probe: str | None = None
@@ -394,6 +396,9 @@ class RoutingSender:
 
     def _transmit(self, dest: _Destination, message: _Outgoing) -> None:
         header = message.header
+        if dest.max_payload_bytes is not None and header.payload_bytes + header.mask_bytes > dest.max_payload_bytes:
+            self._refuse_oversized(dest, message)
+            return
         frames: list = [message.payload] if message.mask is None else [message.payload, message.mask]
         slot = (dest.address, header.key)
         if slot not in self._regions and self._use_shm(dest, message.nbytes):
@@ -409,6 +414,17 @@ class RoutingSender:
             return  # high-water mark: retried on the next tick
         message.sent_at = time.monotonic()
         self._stats.transmitted += 1
+
+    def _refuse_oversized(self, dest: _Destination, message: _Outgoing) -> None:
+        """Fails a delivery the collector would refuse (``oversized``) or ZMQ would drop silently
+        below it (a frame over its MAXMSGSIZE closes the connection), without sending it."""
+        key, nbytes = message.header.key, message.header.payload_bytes + message.header.mask_bytes
+        log.error("routing for %r (%d bytes) exceeds the limit of collector %s (%d bytes); not sent",
+                  key, nbytes, dest.address, dest.max_payload_bytes)
+        self._free_region((dest.address, key))
+        self._finish(self._pending.pop((dest.address, key)), DeliveryError(
+            f"{key!r} refused for {dest.address}: oversized: {nbytes} bytes exceed the collector's limit of "
+            f"{dest.max_payload_bytes} (CollectorConfig.max_message_bytes / budget_bytes)"))
 
     def _use_shm(self, dest: _Destination, nbytes: int) -> bool:
         if not (self.config.shared_memory and dest.shm_ok and nbytes >= self.config.shm_min_bytes):
@@ -476,11 +492,11 @@ class RoutingSender:
         dest.last_pong = time.monotonic()
         restarted = dest.epoch is not None and pong.epoch != dest.epoch
         first = dest.epoch is None
-        dest.epoch, dest.shm_ok = pong.epoch, pong.shm_ok
+        dest.epoch, dest.shm_ok, dest.max_payload_bytes = pong.epoch, pong.shm_ok, pong.max_payload_bytes
         if restarted:
             log.warning("routing collector %s restarted: resending what it had not handed over", dest.address)
         if first or restarted:
-            for (address, _), message in self._pending.items():
+            for (address, _), message in list(self._pending.items()):
                 if address == dest.address:
                     message.received_epoch = None
                     self._transmit(dest, message)
