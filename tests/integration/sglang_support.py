@@ -49,11 +49,11 @@ def start_server(model: Path, log: Path, *args: str, env: dict | None = None) ->
 
 
 def generate(server: SGLangServer, prompt: str | list[int], *, max_new_tokens: int = 8, temperature: float = 0.0,
-             seed: int | None = None, routing: dict | None = None, own: bool = True, timeout: float = 120) -> dict:
-    """``seed`` (SGLang's ``sampling_seed``) is required when sampling, so that a failure reproduces."""
-    assert temperature == 0.0 or seed is not None, "a sampled request needs a seed"
-    body = {"sampling_params": {"max_new_tokens": max_new_tokens, "temperature": temperature, "ignore_eos": True,
-                                "sampling_seed": seed}, "return_routed_experts": own}
+             routing: dict | None = None, own: bool = True, timeout: float = 120) -> dict:
+    """A sampled request draws from the server's generator, seeded by SERVER_ARGS' --random-seed (SGLang
+    honours a per-request ``sampling_seed`` only with --enable-deterministic-inference)."""
+    body = {"sampling_params": {"max_new_tokens": max_new_tokens, "temperature": temperature, "ignore_eos": True},
+            "return_routed_experts": own}
     body["input_ids" if isinstance(prompt, list) else "text"] = prompt
     if routing is not None:
         body["sampling_params"]["custom_params"] = routing

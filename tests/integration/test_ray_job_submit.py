@@ -117,11 +117,12 @@ def test_ray_job_submit_runs_the_job_on_the_cluster(ray_head, tmp_path):
     train = [str(BIN / "routing-replay"), "train", "--config", str(config_file(tmp_path)), "--no-progress",
              "--set", f"run.output_dir={run_dir}", "--set", "run.wandb={project: routing-replay-tests, mode: offline}"]
     wandb_home = tmp_path / "wandb-home"
-    runtime_env = {"env_vars": {"WANDB_SILENT": "true", **{f"WANDB_{kind.upper()}_DIR": str(wandb_home / kind)
-                                                          for kind in ("config", "cache", "data")}}}
+    runtime_env = {"env_vars": {"WANDB_SILENT": "true", "RUNTIME_ENV_MARK": "reached",
+                                **{f"WANDB_{kind.upper()}_DIR": str(wandb_home / kind) for kind in ("config", "cache", "data")}}}
     # The job starts in the uploaded working directory: it must hold the code, not the virtual
     # environment or the build folder (both exist in the repository here; .gitignore excludes them).
-    entrypoint = f"test -e configs/tiny-moe-cpu.yaml && test ! -e .venv && test ! -e build && exec {shlex.join(train)}"
+    entrypoint = (f"test -e configs/tiny-moe-cpu.yaml && test ! -e .venv && test ! -e build && "
+                  f"echo runtime env $RUNTIME_ENV_MARK && exec {shlex.join(train)}")
     out = submit(address, env, entrypoint, runtime_env)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "succeeded" in out.stdout
@@ -131,7 +132,7 @@ def test_ray_job_submit_runs_the_job_on_the_cluster(ray_head, tmp_path):
     assert steps == [0, 1, 2]
     run_id = (run_dir / "wandb-run-id").read_text().strip()
     assert list((run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
-    assert (wandb_home / "cache").is_dir()  # the runtime environment's variables reached the driver
+    assert "runtime env reached" in out.stdout  # the runtime environment's variables reached the driver
 
 
 def head_process(head: Head, name: str) -> psutil.Process:
