@@ -686,8 +686,10 @@ def memory_estimate(cfg: JobConfig, arch: Architecture, kv_slots_per_engine: int
            "backward_gib": backward / 2**30}
     gib["trainer_state_gib"] = sum(gib[f"{part}_gib"] for part in ("params", "grads", "main_params", "adam"))
     gib["trainer_total_gib"] = sum(gib[f"{part}_gib"] for part in TRAINER_MEMORY_PARTS)
-    itemsize = 1 if arch.num_experts <= 256 else 2
-    recorder = kv_slots_per_engine * (moe_layers * arch.top_k * itemsize + 4 * -(-moe_layers // 32))
+    from routing_replay.capture.layout import RoutingLayout
+
+    layout = RoutingLayout(moe_layers, arch.top_k, arch.num_experts)
+    recorder = kv_slots_per_engine * (layout.bytes_per_token + 4 * layout.valid_words)
     gib["routing_recorder_gib_per_engine"] = recorder / 2**30
     return gib
 

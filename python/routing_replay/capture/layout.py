@@ -13,6 +13,12 @@ _UINT8_MAX_EXPERTS = 256
 _INT16_MAX_EXPERTS = 32768
 
 
+def storage_dtype(num_experts: int) -> torch.dtype:
+    """The dtype that stores ``num_experts``' ids: uint8 up to 256 experts, else int16. The one
+    place this rule lives: the recorder, the wire format and the memory estimate read it here."""
+    return torch.uint8 if num_experts <= _UINT8_MAX_EXPERTS else torch.int16
+
+
 def _positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidRoutingInput(f"{name} must be an int, got {type(value).__name__} {value!r}")
@@ -52,11 +58,11 @@ class RoutingLayout:
     @property
     def dtype(self) -> torch.dtype:
         """Storage dtype: uint8 up to 256 experts, else int16."""
-        return torch.uint8 if self.num_experts <= _UINT8_MAX_EXPERTS else torch.int16
+        return storage_dtype(self.num_experts)
 
     @property
     def itemsize(self) -> int:
-        return 1 if self.dtype == torch.uint8 else 2
+        return self.dtype.itemsize
 
     @property
     def ids_per_token(self) -> int:

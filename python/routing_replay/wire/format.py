@@ -64,12 +64,14 @@ import numpy as np
 import torch
 import xxhash
 
+from routing_replay.capture.layout import storage_dtype
+
 FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024
 MAX_KEY_BYTES = 1024
-_UINT8_MAX_EXPERTS = 256
 _MAX_EXPERTS = 32768
 DTYPES = {"uint8": torch.uint8, "int16": torch.int16}
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 # Integer fields are bounded at decoding, so no claim read off the wire (a count, an offset, a
 # nonce) can be negative or overflow a 64-bit conversion later.
@@ -127,14 +129,14 @@ class RoutingHeader(msgspec.Struct, tag="routing", tag_field="type", forbid_unkn
             raise WireFormatError("key", "key and weight_version must be valid UTF-8 text")
         if not 1 <= self.num_experts <= _MAX_EXPERTS or not 1 <= self.top_k <= self.num_experts:
             raise WireFormatError("layout", f"top_k {self.top_k} of num_experts {self.num_experts}")
-        want = "uint8" if self.num_experts <= _UINT8_MAX_EXPERTS else "int16"
+        want = storage_dtype_name(self.num_experts)
         if self.dtype != want:
             raise WireFormatError("dtype", f"dtype {self.dtype!r} for {self.num_experts} experts, expected {want!r}")
         if not 0 <= self.layer_start < self.layer_stop <= self.num_layers:
             raise WireFormatError("layout", f"layers [{self.layer_start}, {self.layer_stop}) of {self.num_layers}")
         if self.rows < 0 or self.start < 0 or self.start + self.rows > self.num_tokens:
             raise WireFormatError("rows", f"rows {self.rows} from {self.start} exceed {self.num_tokens} tokens")
-        itemsize = 1 if self.dtype == "uint8" else 2
+        itemsize = DTYPES[self.dtype].itemsize
         if self.payload_bytes != self.rows * self.layers * self.top_k * itemsize:
             raise WireFormatError("payload_bytes", f"{self.payload_bytes} does not match shape {self.shape}")
         if self.mask_bytes not in (0, self.rows * self.layers):
@@ -238,4 +240,5 @@ def checksum(*buffers: memoryview | bytes) -> int:
 
 
 def storage_dtype_name(num_experts: int) -> str:
-    return "uint8" if num_experts <= _UINT8_MAX_EXPERTS else "int16"
+    """The wire name of ``capture.layout.storage_dtype``: ``"uint8"`` or ``"int16"``."""
+    return _DTYPE_NAMES[storage_dtype(num_experts)]
