@@ -2,8 +2,9 @@
 
 The baseline is what SGLang's own capture (and most users' first attempt) does: an int32
 ``[num_slots, L, K]`` buffer, ``buffer[slots, layer] = topk_ids`` per MoE layer, ``buffer[slots]``
-per finished request. Both run side by side, alternating, in one process; the script prints
-medians and ratios (time and bytes) for Qwen3-30B-A3B routing (48 layers, 128 experts, top-8).
+per finished request. Both run side by side in one process, interleaved call by call in a shuffled
+order; the script prints medians and ratios (time and bytes) for Qwen3-30B-A3B routing (48 layers,
+128 experts, top-8).
 
 On a GPU, device time per call is measured with CUDA events, apart from the host-side call
 overhead (wall time of the Python call, no sync).
@@ -15,11 +16,13 @@ run stops naming the batch and the first differing value.
     python benchmarks/capture_bench.py                 # full run, prints a table
     python benchmarks/capture_bench.py --smoke         # a few iterations (CI)
     python benchmarks/capture_bench.py --out benchmarks/results/capture-cpu.md
+    python benchmarks/capture_bench.py --threads 1      # torch indexing on one thread, as ours
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import time
@@ -53,14 +56,22 @@ class Int32Baseline:
         return LAYOUT.num_layers * LAYOUT.top_k * 4
 
 
-def time_host(fn: Callable[[], object], iters: int) -> float:
-    """Median microseconds per call of wall time (the call returns; on CUDA, nothing waits)."""
-    samples = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e6)
-    return statistics.median(samples)
+def time_host_interleaved(calls: dict[str, Callable[[], object]], steps: int, order: random.Random) -> dict[str, float]:
+    """Median microseconds of wall time per call of each of ``calls`` (the call returns; on CUDA,
+    nothing waits). Each step runs every call once, in a fresh random order, so the calls compared
+    share the machine's state within microseconds: on a busy machine, the slow and fast spells
+    (preemption, a neighbour's cache traffic) hit all of them alike, which per-call blocks of
+    timing do not guarantee."""
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    names = list(calls)
+    for _ in range(steps):
+        order.shuffle(names)
+        for name in names:
+            fn = calls[name]
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - t0) * 1e6)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def time_device(fn: Callable[[], object], iters: int) -> float:
@@ -93,18 +104,18 @@ def bench_batch(n: int, device: torch.device, rounds: int, iters: int) -> dict[s
         "gather ours": lambda: ours.gather(slots).wait(),
         "gather int32": lambda: base.gather(slots),
     }
-    results: dict[str, list[float]] = {}
     order = random.Random(n)
-    for _ in range(rounds):  # shuffled each round so drift on a noisy machine hits both sides alike
-        names = list(calls)
-        order.shuffle(names)
-        for name in names:
-            fn = calls[name]
-            results.setdefault(f"{name} host_us", []).append(time_host(fn, iters))
-            if device.type == "cuda" and name.startswith("record"):
-                results.setdefault(f"{name} device_us", []).append(time_device(fn, iters))
+    results = {f"{name} host_us": us for name, us in time_host_interleaved(calls, rounds * iters, order).items()}
+    if device.type == "cuda":
+        device_us: dict[str, list[float]] = {}
+        for _ in range(rounds):  # shuffled each round so drift hits both sides alike
+            names = ["record ours", "record int32"]
+            order.shuffle(names)
+            for name in names:
+                device_us.setdefault(f"{name} device_us", []).append(time_device(calls[name], iters))
+        results.update({key: statistics.median(values) for key, values in device_us.items()})
     check_gathers(n, ours, base, slots, ids, "after timing")
-    return {key: statistics.median(values) for key, values in results.items()}
+    return results
 
 
 def check_gathers(n: int, ours: RoutingRecorder, base: Int32Baseline, slots: torch.Tensor, ids: torch.Tensor,
@@ -120,7 +131,8 @@ def check_gathers(n: int, ours: RoutingRecorder, base: Int32Baseline, slots: tor
     require_equal(f"{n} tokens, {when}: our gather against the baseline's buffer[slots]", got, want)
 
 
-def report(device: torch.device, rows: dict[int, dict[str, float]], smoke: bool) -> str:
+def report(device: torch.device, rows: dict[int, dict[str, float]], smoke: bool,
+           load: tuple[tuple[float, ...], tuple[float, ...]]) -> str:
     ours_bytes = LAYOUT.bytes_per_token
     with_bits = ours_bytes + 4 * LAYOUT.valid_words
     int32_bytes = LAYOUT.num_layers * LAYOUT.top_k * 4
@@ -129,6 +141,9 @@ def report(device: torch.device, rows: dict[int, dict[str, float]], smoke: bool)
         "",
         f"- machine: {describe(device)}",
         f"- device: {device}",
+        f"- load average (1, 5, 15 min) at start {', '.join(f'{x:.2f}' for x in load[0])},"
+        f" at end {', '.join(f'{x:.2f}' for x in load[1])}: other processes may share the CPU, hence"
+        " the calls interleaved one by one in shuffled order",
         f"- layout: 48 layers, 128 experts, top-8 (Qwen3-30B-A3B); storage {LAYOUT.dtype}",
         f"- bytes per token: ours {ours_bytes} B routing + {with_bits - ours_bytes} B validity bitmask = {with_bits} B;"
         f" int32 baseline {int32_bytes} B -> {int32_bytes / ours_bytes:.2f}x fewer routing bytes,"
@@ -161,14 +176,22 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where both buffers live (default: cuda when available, else cpu)")
     parser.add_argument("--smoke", action="store_true", help="a few iterations only, to prove the script runs (CI)")
-    parser.add_argument("--rounds", type=int, default=7, help="alternated rounds; the median is reported")
-    parser.add_argument("--iters", type=int, default=200, help="calls per round for each measurement")
+    parser.add_argument("--rounds", type=int, default=7,
+                        help="rounds of --iters interleaved steps (each step calls everything once, shuffled); "
+                             "on a GPU, also the rounds of --iters device-timed record calls")
+    parser.add_argument("--iters", type=int, default=200, help="steps per round")
     parser.add_argument("--out", type=Path, help="also write the markdown table to this file")
+    parser.add_argument("--threads", type=int,
+                        help="torch intra-op threads (default: torch's); 1 keeps the baseline's indexing off a "
+                             "thread pool that other processes on a busy machine preempt")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     rounds, iters = (1, 3) if args.smoke else (args.rounds, args.iters)
     device = torch.device(args.device)
+    load_start = os.getloadavg()
     rows = {n: bench_batch(n, device, rounds, iters) for n in BATCHES}
-    text = report(device, rows, args.smoke)
+    text = report(device, rows, args.smoke, (load_start, os.getloadavg()))
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

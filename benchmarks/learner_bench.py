@@ -59,8 +59,9 @@ def child(cfg_path: str, model_path: str, dtype: str, steps: int, mini_batches: 
     or fewer for a shorter run: the peak is one micro-batch's either way)."""
     import random
     import warnings
+    from dataclasses import replace
 
-    import torch
+    import torch  # noqa: F401 - what setup imports, in the baseline
     from transformers import AutoConfig, AutoTokenizer  # noqa: F401 - what setup imports, in the baseline
 
     import routing_replay.megatron.hf_checkpoint  # noqa: F401
@@ -68,11 +69,9 @@ def child(cfg_path: str, model_path: str, dtype: str, steps: int, mini_batches: 
     import routing_replay.megatron.replay  # noqa: F401
     import routing_replay.wire  # noqa: F401
     from routing_replay import config
-    from routing_replay.orchestration.driver import optimizer_settings
-    from routing_replay.orchestration.trainer import TrainerRank, TrainerSpec
+    from routing_replay.orchestration.driver import trainer_spec
+    from routing_replay.orchestration.trainer import TrainerRank
     from routing_replay.ports import free_port
-    from routing_replay.rl.corrections import Correction
-    from routing_replay.rl.objective import Clip
     from routing_replay.rl.rollout_batch import Sample
 
     warnings.filterwarnings("ignore")
@@ -86,17 +85,15 @@ def child(cfg_path: str, model_path: str, dtype: str, steps: int, mini_batches: 
                       rollout_logprobs=tuple(-6.0 for _ in range(r.max_new_tokens)), advantage=rng.choice((-1.0, 1.0)))
                for i in range(r.prompts_per_step * r.group_size * mini_batches // t.mini_batches)]
     baseline, baseline_now = peak_rss(), current_rss()
-    spec = TrainerSpec(rank=0, world_size=1, master_port=free_port(), model_path=model_path, replay="R2",
-                       optimizer=optimizer_settings(cfg), mini_batches=mini_batches, micro_batch_size=t.micro_batch_size,
-                       clip=Clip(t.clip_low, t.clip_high), correction=Correction(**t.correction.model_dump()),
-                       temperature=r.temperature, train_dtype=dtype, recompute=t.recompute,
-                       recompute_layers=t.recompute_layers, seed=cfg.run.seed, paired_diagnostics=False)
+    spec = replace(trainer_spec(cfg, rank=0, world_size=1, master_port=free_port(), model_path=model_path,
+                                routing_bind="tcp://127.0.0.1:*"),
+                   replay="R2", mini_batches=mini_batches, train_dtype=dtype, paired_diagnostics=False)
     rank = TrainerRank()
     rank.setup(spec, "127.0.0.1")
     after_setup = current_rss()
     norms, after_steps = [], []
     for _ in range(steps):
-        rank.old_logprobs(samples)
+        rank.old_logprobs(samples, "init")  # R2 without paired diagnostics reads no rollout routing
         stats = rank.update(samples)
         norms.append(stats.maxima.get("grad_norm/mb0"))
         after_steps.append(current_rss())

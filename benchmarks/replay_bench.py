@@ -6,10 +6,17 @@ step on a batch of 4 x 256 tokens the way the trainer takes one: ``Learner.zero_
 one rank), ``Learner.step()`` (megatron-core DDP's fp32 grad buffer, its Adam, clipping to 1.0 and
 the schedule). Replay phases, float32 (the CPU default's train dtype):
 
-- without replay, with R2 (replaying the routing recorded in the old-policy forward) and with R3
-  (replaying rollout routing given per token: the model's own routing with 10% of the decisions
-  changed, as engines differ); the old-policy forward with recording is timed against one without.
+- without replay, with R2 (replaying the routing recorded in the old-policy forward, kept in
+  ``RecordedRouting``) and with R3 (replaying rollout routing given per sample as the wire delivers
+  it: uint8 rows, the model's own routing with 10% of the decisions changed, as engines differ);
+  each replayed step places its routing (``RouterIndices``) inside the timed step, as the trainer
+  does per micro-batch; the old-policy forward with recording is timed against one without.
   Goal: <= 3% overhead for replay.
+
+Host bytes per replayed micro-batch: every tensor with storage of its own that placing the R3
+routing creates (counted by a ``TorchDispatchMode`` over the call), for the placement as it was
+(the whole batch widened to int64 on the host, then copied per layer) and as it is now (compact
+ids placed where the model lives; on the CPU that is the host), and the time of each.
 
 Optimisation phases, float32 and bfloat16: the same step (same batch, no replay) on the
 ``megatron-core learner`` against the ``hand-written loop`` the trainer used before, on a second
@@ -37,9 +44,12 @@ import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from checks import require
 from machine import describe
@@ -47,7 +57,7 @@ from routing_replay.megatron.hf_checkpoint import build_model
 from routing_replay.megatron.learner import Learner, OptimizerSettings
 from routing_replay.megatron.logprobs import Batch, score
 from routing_replay.megatron.parallel import ParallelConfig, initialize
-from routing_replay.megatron.replay import ModelReplay
+from routing_replay.megatron.replay import ModelReplay, RecordedRouting, RouterIndices, rollout_to_router_indices
 from routing_replay.tiny_models import build
 
 LEARNING_RATE, GRAD_CLIP = 1e-5, 1.0  # the trainer's default rate: the weights barely drift over the run
@@ -65,6 +75,36 @@ class Timer:
         out = fn()
         self.optimizer += time.perf_counter() - start
         return out
+
+
+class HostAllocations(TorchDispatchMode):
+    """Bytes of every CPU tensor an op creates with storage of its own (views and in-place writes
+    create none), by dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes: dict[torch.dtype, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        given = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.untyped_storage().data_ptr() not in given:
+                self.bytes[t.dtype] = self.bytes.get(t.dtype, 0) + t.untyped_storage().nbytes()
+        return out
+
+
+def int64_host_placement(rows: list[torch.Tensor], seq_len: int) -> list[torch.Tensor]:
+    """The placement before ids stayed compact, for comparison: the batch widened to an int64
+    ``[S, B, L, K]`` host tensor, copied out per layer (then moved to the device per forward)."""
+    batch, layers, top_k = len(rows), rows[0].shape[1], rows[0].shape[2]
+    indices = torch.zeros(seq_len, batch, layers, top_k, dtype=torch.int64)
+    mask = torch.zeros(seq_len, batch, layers, dtype=torch.bool)
+    for b, sample in enumerate(rows):
+        indices[: sample.shape[0], b] = sample.long()
+        mask[: sample.shape[0], b] = torch.ones(sample.shape[:2], dtype=torch.bool)
+    flat_ids, flat_mask = indices.reshape(seq_len * batch, layers, top_k), mask.reshape(seq_len * batch, layers)
+    return [flat_ids[:, l].contiguous() for l in range(layers)] + [flat_mask[:, l].contiguous() for l in range(layers)]
 
 
 def main() -> None:
@@ -106,13 +146,14 @@ def main() -> None:
                 score(model, batch)
             return recorded
 
-    def learner_step(dtype: str, plan: list[torch.Tensor] | None, timer: Timer) -> float:
+    def learner_step(dtype: str, plan: Callable[[], RouterIndices] | None, timer: Timer) -> float:
+        """One train step; ``plan`` places the micro-batch's routing (inside the timed step)."""
         net, replayer, learner = learners[dtype]
         timer.part(learner.zero_grad)
         if plan is None:
             loss_of(net).backward()
         else:
-            with replayer.replaying(plan):
+            with replayer.replaying(plan()):
                 loss_of(net).backward()
         result = timer.part(learner.step)
         assert result.updated
@@ -144,8 +185,20 @@ def main() -> None:
         other = torch.rand(tokens, shape["experts"], generator=gen).argsort(1)[:, : shape["top_k"]]
         flip = torch.rand(tokens, generator=gen) < 0.1
         rollout.append(torch.where(flip[:, None], other, own))
+    # Per sample [S, L, K] uint8 rows, as the collector delivers them (row s * B + b of layer l).
+    rows = [torch.stack([r.view(seq, batch_size, -1)[:, b] for r in rollout], 1).to(torch.uint8).contiguous()
+            for b in range(batch_size)]
+    keys = [f"s{b}" for b in range(batch_size)]
+    store = RecordedRouting(shape["experts"])
+    store.add(keys, recorded, batch.lengths.tolist())
 
-    def replayed_forward(plan: list[torch.Tensor], name: str):
+    def r2_plan() -> RouterIndices:
+        return store.indices_for(keys, seq)
+
+    def r3_plan() -> RouterIndices:
+        return rollout_to_router_indices(rows, [0] * batch_size, seq)
+
+    def replayed_forward(plan: RouterIndices, name: str):
         """The report of one replayed forward (no update): every token of every layer replayed."""
         with torch.no_grad(), replay.replaying(plan):
             score(model, batch)
@@ -154,20 +207,32 @@ def main() -> None:
                 f"{name}: replayed tokens per layer {result.replayed}, expected {tokens} on each")
         return result
 
-    r2 = replayed_forward(recorded, "R2")
+    r2 = replayed_forward(r2_plan(), "R2")
     require(r2.agreement == [1.0] * replay.num_layers, "R2: replaying the routing just recorded must choose what"
             f" the model chose; agreement per layer {r2.agreement}")
-    r3 = replayed_forward(rollout, "R3")
+    r3 = replayed_forward(r3_plan(), "R3")
     require(r3.tokens_differing > 0,
             "R3: the rollout routing equals the model's own: the R3 phase would replay nothing new")
     replay_check = (f"R2 agreement {min(r2.agreement):.3f} (every layer, {tokens} tokens each); R3 agreement"
                     f" {min(r3.agreement):.3f} to {max(r3.agreement):.3f} per layer, {r3.tokens_differing} of {tokens}"
                     " tokens routed differently from the model's own in some layer")
 
+    host_bytes = {}
+    for name, place in (("before", lambda: int64_host_placement(rows, seq)), ("now", r3_plan)):
+        with HostAllocations() as counted:
+            place()
+        host_bytes[name] = counted.bytes
+    require(torch.int64 not in host_bytes["now"], f"the placement built int64 host tensors: {host_bytes['now']}")
+    compact = r3_plan()
+    require(all(torch.equal(a.long(), b) for a, b in zip(compact.indices, int64_host_placement(rows, seq)))
+            and compact.ids.dtype == torch.uint8, "the compact placement differs from the int64 one")
+
     runs = {"old forward": lambda t: old_forward(False), "old forward + R2 record": lambda t: old_forward(True),
             "step, no replay": lambda t: learner_step("float32", None, t),
-            "step, R2 replay": lambda t: learner_step("float32", recorded, t),
-            "step, R3 replay": lambda t: learner_step("float32", rollout, t),
+            "step, R2 replay": lambda t: learner_step("float32", r2_plan, t),
+            "step, R3 replay": lambda t: learner_step("float32", r3_plan, t),
+            "placement, int64 host (before)": lambda t: int64_host_placement(rows, seq),
+            "placement, compact (now)": lambda t: r3_plan(),
             "hand-written, float32": lambda t: hand_step("float32", t),
             "learner, bfloat16": lambda t: learner_step("bfloat16", None, t),
             "hand-written, bfloat16": lambda t: hand_step("bfloat16", t)}
@@ -192,13 +257,13 @@ def main() -> None:
              ("step, R3 replay", "step, no replay"), ("step, no replay", "hand-written, float32"),
              ("learner, bfloat16", "hand-written, bfloat16")}
     paired = {pair: statistics.median(a / b for a, b in zip(times[pair[0]], times[pair[1]], strict=True)) for pair in pairs}
-    text = report(shape, batch_size, seq, med, opt, paired, check, replay_check, args.smoke, reps)
+    text = report(shape, batch_size, seq, med, opt, paired, check, replay_check, host_bytes, args.smoke, reps)
     print(text)
     if args.out:
         args.out.write_text(text)
 
 
-def report(shape, batch_size, seq, med, opt, paired, check, replay_check, smoke, reps) -> str:
+def report(shape, batch_size, seq, med, opt, paired, check, replay_check, host_bytes, smoke, reps) -> str:
     def overhead(name, base):
         return f"{100 * (med[name] / med[base] - 1):+.1f}% | {100 * (paired[name, base] - 1):+.1f}%"
 
@@ -224,6 +289,17 @@ def report(shape, batch_size, seq, med, opt, paired, check, replay_check, smoke,
              "", f"Goal: <= 3% overhead for replay (verification included), paired: R2 {goal('step, R2 replay')}, "
              f"R3 {goal('step, R3 replay')}.", "",
              f"Replay check before timing (one replayed forward each): {replay_check}.", "",
+             "## Host bytes per replayed micro-batch (R3 placement)", "",
+             "| placement | host bytes built | of which int64 | seconds |", "|---|---|---|---|"]
+    for name, phase in (("before", "placement, int64 host (before)"), ("now", "placement, compact (now)")):
+        built = host_bytes[name]
+        lines.append(f"| {phase.split(', ', 1)[1]} | {sum(built.values()):,} | {built.get(torch.int64, 0):,} |"
+                     f" {med[phase]:.5f} |")
+    lines += ["", f"Received rows: {batch_size} x [{seq}, {shape['layers']}, {shape['top_k']}] uint8 ="
+              f" {batch_size * seq * shape['layers'] * shape['top_k']:,} bytes. Now the placement builds the"
+              " compact ids and a bool mask where the model lives (here the CPU: on a GPU those bytes are device"
+              " memory and the host only stages the received rows in one pinned buffer); each router widens its"
+              " own layer to int64 on the device during the forward.", "",
              "## megatron-core learner vs the hand-written loop (same batch, no replay)", "",
              "| dtype | hand-written step s | learner step s | learner / hand-written (medians) | (paired) |"
              " hand-written optimizer part s | learner optimizer part s |", "|---|---|---|---|---|---|---|"]

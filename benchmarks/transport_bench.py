@@ -3,7 +3,8 @@
 Moves the routing of a batch of 64 samples x 4096 tokens of Qwen3-30B-A3B (48 layers, top-8;
 ~100 MB as uint8) from a producer process to the consumer, four ways:
 
-  ours-socket  RoutingSender -> RoutingCollector over TCP loopback (the cross-host path), views handed over
+  ours-socket  RoutingRecord.of (the producer's checksum pass) + RoutingSender -> RoutingCollector over
+               TCP loopback (the cross-host path), views handed over
   ours-socket (no checksum check)  the same, the collector configured not to verify checksums
   ours-shm     the same with the same-host shared-memory fast path (socket carries headers only)
   raw-tcp      one TCP socket carrying the same uint8 bytes (the physical limit of a socket here)
@@ -45,7 +46,7 @@ import torch
 
 from checks import BenchmarkCheckFailed, require, require_equal
 from machine import describe
-from routing_replay.wire import CollectorConfig, RoutingCollector, RoutingMeta, RoutingSender, SenderConfig
+from routing_replay.wire import CollectorConfig, RoutingCollector, RoutingRecord, RoutingSender, SenderConfig
 
 LAYERS, TOP_K, EXPERTS = 48, 8, 128
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # with _node_ip_address: Ray stays on loopback
@@ -86,8 +87,10 @@ def producer_main(conn, samples: int, tokens: int) -> None:
         if command[0] == "ours":
             _, address, use_shm, rep = command
             sender = senders[use_shm]
-            for i, t in enumerate(tensors):
-                sender.send(RoutingMeta(f"r{rep}-s{i}", EXPERTS, tokens + 1, 0), t, address)
+            for i, t in enumerate(tensors):  # the record (its checksum pass) is part of the timed path
+                record = RoutingRecord.of(f"r{rep}-s{i}", t, None, num_experts=EXPERTS, num_tokens=tokens + 1,
+                                          token_hash=0)
+                sender.send(record, t, address)
             sender.flush(timeout=600)
         elif command[0] == "raw-tcp":
             with socket.create_connection(("127.0.0.1", command[1])) as s:

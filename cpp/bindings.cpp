@@ -1,12 +1,17 @@
 // pybind11 bindings, compiled once per backend: RR_BACKEND_CUDA selects the CUDA entry points and
-// the module name. Both modules expose the same functions, so the Python facade treats them alike.
+// the module name. Both modules expose record, reset and copy_rows alike; gathering differs: the
+// CUDA module's `gather` fills device tensors the facade allocated (then copied to pinned memory
+// asynchronously), the CPU module's `gather_new` allocates its host outputs itself and returns them
+// as DLPack capsules, which saves the two torch allocations that dominate a small gather.
 // Every argument is a plain integer (pointers included): the facade validates tensors first.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <memory>
 #include <tuple>
 
 #include "routing_replay/capture_backend.h"
+#include "routing_replay/host_tensor.h"
 
 namespace py = pybind11;
 
@@ -42,6 +47,52 @@ namespace backend = rr::cuda;
 #else
 namespace backend = rr::cpu;
 #define RR_MODULE _capture_cpu
+
+struct DeleteTensor {
+  void operator()(rr::dlpack::ManagedTensor* t) const { t->deleter(t); }
+};
+using OwnedTensor = std::unique_ptr<rr::dlpack::ManagedTensor, DeleteTensor>;
+
+// Capsule destructor: frees the tensor unless a consumer took it (and renamed the capsule).
+void release_unconsumed(PyObject* capsule) {
+  if (PyCapsule_IsValid(capsule, rr::dlpack::kCapsuleName)) {
+    DeleteTensor{}(static_cast<rr::dlpack::ManagedTensor*>(PyCapsule_GetPointer(capsule, rr::dlpack::kCapsuleName)));
+  }
+}
+
+py::object to_capsule(OwnedTensor tensor) {
+  PyObject* capsule = PyCapsule_New(tensor.get(), rr::dlpack::kCapsuleName, &release_unconsumed);
+  if (capsule == nullptr) throw py::error_already_set();
+  tensor.release();  // the capsule owns it now
+  return py::reinterpret_steal<py::object>(capsule);
+}
+
+// Copies of at least this many bytes run with the GIL released; for smaller ones releasing and
+// re-taking it costs more than the copy.
+constexpr int64_t kReleaseGilBytes = 64 * 1024;
+
+// (None, ids, valid) with ids [n, L, K] (uint8 or int16, the view's storage) and valid [n, L] bool
+// as DLPack capsules, or ((kind, row, col, value), None, None) when a slot is out of range.
+py::tuple gather_new(const rr::RecorderView& v, std::uintptr_t slots, int32_t slots_bytes, int64_t n) {
+  const int64_t shape[3] = {n, v.num_layers, v.top_k};
+  const rr::dlpack::DataType id_type =
+      v.id_bytes == 2 ? rr::dlpack::DataType{rr::dlpack::kInt, 16, 1} : rr::dlpack::DataType{rr::dlpack::kUInt, 8, 1};
+  OwnedTensor ids(rr::dlpack::new_host_tensor(id_type, shape, 3));
+  OwnedTensor valid(rr::dlpack::new_host_tensor({rr::dlpack::kBool, 8, 1}, shape, 2));
+  rr::CallError error;
+  const auto run = [&] {
+    error = rr::cpu::gather(v, index_array(slots, slots_bytes), n, ids->dl_tensor.data,
+                            static_cast<uint8_t*>(valid->dl_tensor.data), 0);
+  };
+  if (n * rr::row_elems(v) * v.id_bytes >= kReleaseGilBytes) {
+    py::gil_scoped_release release;
+    run();
+  } else {
+    run();
+  }
+  if (error.kind != rr::kOk) return py::make_tuple(to_tuple(error), py::none(), py::none());
+  return py::make_tuple(py::none(), to_capsule(std::move(ids)), to_capsule(std::move(valid)));
+}
 #endif
 
 }  // namespace
@@ -67,6 +118,7 @@ PYBIND11_MODULE(RR_MODULE, m) {
                            index_array(valid, valid_bytes), stream));
       },
       py::call_guard<py::gil_scoped_release>());
+#ifdef RR_BACKEND_CUDA
   m.def(
       "gather",
       [](const rr::RecorderView& v, std::uintptr_t slots, int32_t slots_bytes, int64_t n,
@@ -75,6 +127,9 @@ PYBIND11_MODULE(RR_MODULE, m) {
                                         reinterpret_cast<uint8_t*>(out_valid), stream));
       },
       py::call_guard<py::gil_scoped_release>());
+#else
+  m.def("gather_new", &gather_new);
+#endif
   m.def(
       "reset",
       [](const rr::RecorderView& v, std::uintptr_t slots, int32_t slots_bytes, int64_t n, std::uintptr_t stream) {

@@ -40,7 +40,7 @@ def _train(args: argparse.Namespace) -> int:
     print(f"{args.config}: {total / 1e9:.2f}B parameters ({active / 1e9:.2f}B active), replay {cfg.train.replay}, "
           f"{cfg.train.mini_batches} mini-batch(es) per rollout batch")
     print(f"  trainer: TP {p.tensor} x PP {p.pipeline} x CP {p.context} x DP {p.data}, EP {p.expert}; "
-          f"{cfg.model.train_dtype}, distributed optimizer {'on' if cfg.train.distributed_optimizer else 'off'}, "
+          f"{cfg.model.train_dtype}, distributed optimizer {'on' if cfg.train.optimizer.distributed else 'off'}, "
           f"recompute {cfg.train.recompute}")
     parts = ", ".join(f"{part} {memory[f'{part}_gib']:.2f}" for part in config.TRAINER_MEMORY_PARTS)
     print(f"  trainer memory per GPU (estimate, GiB): {parts}")
@@ -198,8 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, type=Path, help="YAML job configuration (see configs/)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override one setting, repeatable: a dotted KEY and a YAML VALUE, typed and validated "
-                       "like the file's (train.replay=R2, train.parallel.expert=2, train.learning_rate=1.0e-6, "
-                       "'rollout.sglang_args=[--tp-size, \"2\"]', 'task.args={max_operand: 9}'); a mapping merges "
+                       "like the file's (train.replay=R2, train.parallel.expert=2, "
+                       "train.optimizer.learning_rate=1.0e-6, 'rollout.sglang_args=[--tp-size, \"2\"]', "
+                       "'task.args={max_operand: 9}'); a mapping merges "
                        "into the configured one, anything else replaces it")
     train.add_argument("--print-config", action="store_true",
                        help="print the resolved configuration (extends, --set and --output-dir applied, every field "

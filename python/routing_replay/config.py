@@ -1,7 +1,14 @@
 """The RL job's configuration: a typed schema, loaded strictly from YAML.
 
-Each component reads its own section. Unknown keys and bad values are errors that name the field
-(``train.mini_batches: must be >= 1``); the YAML loader also refuses what PyYAML would silently drop
+Each component reads its own section. The trainer's sections are its components' settings
+dataclasses, each defined once beside its component in a module without torch or megatron-core
+(``rl.settings``, ``megatron.settings``, ``orchestration.trainer_settings``; validation rules in
+``routing_replay.settings``): ``train`` is the trainer's ``TrainerSettings`` (plus ``steps``),
+``train.parallel`` megatron's ``ParallelConfig``, ``train.optimizer`` the learner's
+``OptimizerSettings``, ``train.clip`` and ``train.correction`` the objective's ``Clip`` and
+``Correction``; the driver passes them through. Unknown keys and bad values
+are errors that name the field (``train.mini_batches: must be >= 1``; a key of an earlier schema
+names its new place, ``MOVED_KEYS``); the YAML loader also refuses what PyYAML would silently drop
 or change (duplicate keys, keys that are not strings, tags without a JSON equivalent), so that every
 problem with a file is one ``ConfigError`` naming the file and the field or the line.
 A file may name a base file (``extends: BASE.yaml``) and ``load`` takes ``KEY=VALUE`` overrides (``--set``), merged
@@ -23,8 +30,15 @@ from typing import Annotated, Literal, TypeVar, get_args
 import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
+from pydantic.dataclasses import dataclass as pydantic_dataclass, is_pydantic_dataclass
+from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 from yaml.constructor import ConstructorError
+
+from routing_replay.models import FAMILIES
+
+from routing_replay.orchestration.trainer_settings import TrainerSettings
+from routing_replay.settings import SETTINGS
 
 
 class _Section(BaseModel):
@@ -49,7 +63,8 @@ class Architecture(_Section):
     """Layers with a router (default: all)."""
 
 
-TinyKind = Literal["qwen3_moe", "qwen2_moe", "mixtral"]
+TinyKind = Literal[tuple(FAMILIES)]  # type: ignore[valid-type]
+"""A tiny model's kind: a model family's ``model_type`` (``routing_replay.models.FAMILIES``)."""
 
 
 class TinyModel(_Section):
@@ -64,10 +79,10 @@ class TinyModel(_Section):
     top_k: int = Field(default=2, ge=1)
     """Experts per token; at most ``experts``."""
     moe_intermediate_size: int | None = Field(default=None, ge=1)
-    """Each expert's intermediate size (default: hidden/2 for Qwen, hidden for Mixtral)."""
+    """Each expert's intermediate size (default: the family's, e.g. hidden/2 for Qwen, hidden for Mixtral)."""
     shared_expert: int | None = Field(default=None, ge=1)
-    """qwen2_moe only: its shared expert's intermediate size (default: hidden). Qwen2-MoE always has
-    one; the other kinds have none."""
+    """The shared expert's intermediate size, for families whose shared expert takes a size
+    (qwen2_moe; default: hidden)."""
     seed: int | None = None
     """Seed of the random weights (default: run.seed)."""
 
@@ -81,10 +96,11 @@ class TinyModel(_Section):
 
     @field_validator("shared_expert")
     @classmethod
-    def _shared_expert_of_qwen2(cls, size: int | None, info: ValidationInfo) -> int | None:
+    def _shared_expert_sized_by_family(cls, size: int | None, info: ValidationInfo) -> int | None:
         kind = info.data.get("kind")
-        if size is not None and kind is not None and kind != "qwen2_moe":
-            raise ValueError(f"only qwen2_moe has a shared expert, not {kind}")
+        if size is not None and kind is not None and not FAMILIES[kind].sized_shared_expert:
+            sized = [name for name, family in FAMILIES.items() if family.sized_shared_expert]
+            raise ValueError(f"only {', '.join(sized)} has a sized shared expert, not {kind}")
         return size
 
     def architecture(self) -> Architecture:
@@ -108,8 +124,9 @@ class ModelSection(_Section):
     path: str | None = None
     """Hugging Face checkpoint directory (local). Exactly one of path and tiny."""
     tiny: Annotated[TinyModel | None, BeforeValidator(_tiny_kind_or_shape)] = None
-    """Build a tiny random checkpoint at start-up (CPU default, no hub): a kind (qwen3_moe, qwen2_moe,
-    mixtral) with the default shape, or a ``TinyModel`` mapping (kind, layers, hidden, experts, ...)."""
+    """Build a tiny random checkpoint at start-up (CPU default, no hub): a kind (a family of
+    ``routing_replay.models``: qwen3_moe, qwen2_moe, mixtral, glm4_moe, deepseek_v3) with the default
+    shape, or a ``TinyModel`` mapping (kind, layers, hidden, experts, ...)."""
     architecture: Architecture | None = None
     """Required with path for the dry run when the checkpoint is not on this machine."""
     rollout_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
@@ -148,70 +165,35 @@ class RolloutSection(_Section):
     float32 trainer (an engine on other weights differs by nats on every token)."""
 
 
-class ParallelSection(_Section):
-    tensor: int = Field(default=1, ge=1)
-    pipeline: int = Field(default=1, ge=1)
-    expert: int = Field(default=1, ge=1)
-    context: int = Field(default=1, ge=1)
-    data: int = Field(default=1, ge=1)
-    sequence_parallel: bool = False
+@pydantic_dataclass(frozen=True, config=SETTINGS)
+class TrainSection(TrainerSettings):
+    """The trainer's settings (``TrainerSettings``: parallel sizes, optimizer, clipping, correction,
+    replay, ...), as each rank takes them, and the job's length."""
 
+    steps: int = Field(default=10, ge=1, strict=True)
+    """RL steps of the job."""
 
-class CorrectionSection(_Section):
-    mode: Literal["none", "truncate", "mask"] = "truncate"
-    level: Literal["token", "sequence", "geometric"] = "token"
-    upper: float = Field(default=2.0, ge=1.0)
-    lower: float = Field(default=0.5, gt=0.0, le=1.0)
-
-
-class TrainSection(_Section):
-    parallel: ParallelSection = ParallelSection()
-    steps: int = Field(default=10, ge=1)
-    mini_batches: int = Field(default=1, ge=1)
-    """Optimizer steps per rollout batch (1 = on-policy)."""
-    micro_batch_size: int = Field(default=4, ge=1)
-    learning_rate: float = Field(default=1e-5, gt=0)
-    lr_warmup_steps: int = Field(default=0, ge=0)
-    """Optimizer steps of linear warm-up from 0 to ``learning_rate``."""
-    lr_decay: Literal["constant", "linear", "cosine"] = "constant"
-    """After the warm-up, from ``learning_rate`` to ``min_learning_rate`` over the job's remaining
-    optimizer steps (``steps`` x ``mini_batches`` in all)."""
-    min_learning_rate: float = Field(default=0.0, ge=0)
-    """Where ``lr_decay`` ends; at most ``learning_rate``."""
-    weight_decay: float = Field(default=0.0, ge=0)
-    adam_beta1: float = Field(default=0.9, ge=0, lt=1)
-    adam_beta2: float = Field(default=0.999, ge=0, lt=1)
-    adam_eps: float = Field(default=1e-8, gt=0)
-    distributed_optimizer: bool = False
-    """Shard the fp32 main parameters and Adam moments over the data-parallel ranks (megatron-core's
-    DistributedOptimizer; expert parameters over the expert-data-parallel ranks). With one
-    data-parallel rank it changes nothing."""
-    recompute: Literal["none", "selective", "full"] = "none"
-    """Activation recompute (megatron-core's recompute_granularity): ``selective`` recomputes the core
-    attention in backward, ``full`` whole transformer layers (only their inputs are kept)."""
-    recompute_layers: int = Field(default=1, ge=1)
-    """With ``recompute: full``: layers per recomputed chunk (recompute_method uniform,
-    recompute_num_layers); must divide the layers per pipeline stage."""
-    clip_low: float = Field(default=0.2, ge=0)
-    clip_high: float = Field(default=0.28, ge=0)
-    grad_clip: float = Field(default=1.0, gt=0)
-    replay: Literal["none", "R2", "R3"] = "R3"
-    correction: CorrectionSection = CorrectionSection()
-    min_replay_coverage: float = Field(default=1.0, ge=0.0, le=1.0)
-    """R3: the least share of a batch's loss tokens whose rollout routing arrived; a batch below it is
-    refused (a token without its routing would be trained on the trainer's own routing)."""
-    paired_diagnostics: bool = True
-    """Score pi_old twice, under the trainer's own routing and under the rollout's, in every replay mode
-    (the ``paired/*`` metrics: what routing flips contribute to the mismatch). SGLang then records
-    routing even without R3; turn off for speed."""
-
-    @field_validator("min_learning_rate")
+    @model_validator(mode="before")
     @classmethod
-    def _min_within_learning_rate(cls, minimum: float, info: ValidationInfo) -> float:
-        learning_rate = info.data.get("learning_rate")
-        if learning_rate is not None and minimum > learning_rate:
-            raise ValueError(f"min_learning_rate={minimum} must be at most learning_rate={learning_rate}")
-        return minimum
+    def _total_steps_not_written(cls, data: object) -> object:
+        if isinstance(data, dict) and isinstance(data.get("optimizer"), dict) and "total_steps" in data["optimizer"]:
+            raise ValueError("optimizer.total_steps is the job's optimizer steps, train.steps x train.mini_batches: "
+                             "leave it out")
+        return data
+
+    def __post_init__(self) -> None:
+        # The schedule spans the job's optimizer steps (one per mini-batch), however the section was
+        # built (a file, --set, or dataclasses.replace of steps or mini_batches).
+        object.__setattr__(self, "optimizer", replace(self.optimizer, total_steps=self.steps * self.mini_batches))
+
+
+MOVED_KEYS = {f"train.{old}": f"train.{new}" for old, new in (
+    ("learning_rate", "optimizer.learning_rate"), ("min_learning_rate", "optimizer.min_learning_rate"),
+    ("lr_warmup_steps", "optimizer.warmup_steps"), ("lr_decay", "optimizer.decay"),
+    ("weight_decay", "optimizer.weight_decay"), ("adam_beta1", "optimizer.adam_beta1"),
+    ("adam_beta2", "optimizer.adam_beta2"), ("adam_eps", "optimizer.adam_eps"), ("grad_clip", "optimizer.grad_clip"),
+    ("distributed_optimizer", "optimizer.distributed"), ("clip_low", "clip.low"), ("clip_high", "clip.high"))}
+"""Keys of earlier versions of the schema and where they are now: an error names the new key."""
 
 
 def _scalar(value: object) -> object:
@@ -333,7 +315,7 @@ class _StrictLoader(yaml.SafeLoader):
     def construct_object(self, node: yaml.Node, deep: bool = False) -> object:
         try:
             return super().construct_object(node, deep)
-        except (ValueError, KeyError) as exc:  # an explicit tag on a value it cannot hold: ``!!int abc``
+        except (ValueError, KeyError):  # an explicit tag on a value it cannot hold: ``!!int abc``
             raise ConstructorError(None, None, f"{node.value!r} is not a valid {_short_tag(node.tag)}",
                                    node.start_mark) from None
 
@@ -498,14 +480,19 @@ def _override(text: str) -> tuple[dict, _Origin]:
     return value, origin
 
 
+def _section_fields(section: type) -> dict[str, FieldInfo]:
+    """A section's fields: a model's, or a settings dataclass's (``routing_replay.settings``)."""
+    return section.model_fields if issubclass(section, BaseModel) else section.__pydantic_fields__
+
+
 def _allowed_keys(schema: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
     """The keys of the section of ``schema`` that holds ``loc`` (an unknown key's location)."""
-    section = schema
+    section: type = schema
     for part in loc[:-1]:
-        annotation = section.model_fields[str(part)].annotation
+        annotation = _section_fields(section)[str(part)].annotation
         section = next(t for t in (annotation, *get_args(annotation))
-                       if isinstance(t, type) and issubclass(t, BaseModel))
-    return list(section.model_fields)
+                       if isinstance(t, type) and (issubclass(t, BaseModel) or is_pydantic_dataclass(t)))
+    return list(_section_fields(section))
 
 
 def _describe(schema: type[BaseModel], error: ErrorDetails, origin: _Origin | None, top: str | None = None) -> str:
@@ -513,9 +500,11 @@ def _describe(schema: type[BaseModel], error: ErrorDetails, origin: _Origin | No
     loaded (``top``), ``(FILE, line L)`` in a base file, a ``--set KEY=VALUE: `` prefix for an override."""
     # An unknown key may hold a newline: quote it so that the message stays on one line.
     where = ".".join(str(part) if str(part).isprintable() else repr(part) for part in error["loc"])
-    if error["type"] == "extra_forbidden":
+    if where in MOVED_KEYS:
+        message = f"unknown key: now {MOVED_KEYS[where]}"
+    elif error["type"] in ("extra_forbidden", "unexpected_keyword_argument"):  # a model's, a dataclass's
         message = f"unknown key; allowed: {', '.join(_allowed_keys(schema, error['loc']))}"
-    elif error["type"] in ("model_type", "dict_type"):
+    elif error["type"] in ("model_type", "dict_type", "dataclass_type"):
         message = f"must be a mapping, got {_yaml_kind(error['input'])}"
     elif error["type"].endswith("_type"):
         message = f"{error['msg']}, got {_yaml_kind(error['input'])}"
@@ -559,8 +548,9 @@ def load(path: str | Path, schema: type[Schema] = JobConfig, overrides: Sequence
 
 
 def to_yaml(cfg: BaseModel) -> str:
-    """Every field of ``cfg`` with its value, defaults included, in schema order: YAML that ``load``
-    reads back to an equal configuration (``routing-replay train --print-config``)."""
+    """Every field of ``cfg`` with its value, defaults included, in schema order (but those derived,
+    excluded from dumps: ``train.optimizer.total_steps``): YAML that ``load`` reads back to an equal
+    configuration (``routing-replay train --print-config``)."""
     return yaml.safe_dump(cfg.model_dump(), sort_keys=False, allow_unicode=True, default_flow_style=False, width=100)
 
 
@@ -615,7 +605,7 @@ def validate_job(cfg: JobConfig, arch: Architecture) -> list[str]:
             parts = " + ".join(f"{part} {memory[f'{part}_gib']:.1f}" for part in TRAINER_MEMORY_PARTS)
             problems.append(f"trainer memory per GPU: about {memory['trainer_total_gib']:.1f} GiB ({parts}) exceeds "
                             f"90% of run.gpu_memory_gib={cfg.run.gpu_memory_gib}: raise train.parallel.data or "
-                            ".expert, set train.distributed_optimizer or train.recompute, or lower "
+                            ".expert, set train.optimizer.distributed or train.recompute, or lower "
                             "train.micro_batch_size, rollout.max_prompt_tokens or rollout.max_new_tokens")
         trainer = p.tensor * p.pipeline * p.context * p.data
         engines = r.engines * r.gpus_per_engine
@@ -649,7 +639,7 @@ def memory_estimate(cfg: JobConfig, arch: Architecture, kv_slots_per_engine: int
     EP x expert-TP x PP (expert-TP = TP, megatron's default). ``params_gib``: train_dtype bytes (2 or
     4); ``grads_gib``: 4 (fp32 grad buffer, grad_reduce_in_fp32); ``main_params_gib``: 4 with bfloat16
     training (fp32 master copy), 0 with float32 (the parameter is its own); ``adam_gib``: 8 (two fp32
-    moments). With ``train.distributed_optimizer`` main params and moments are divided by the
+    moments). With ``train.optimizer.distributed`` main params and moments are divided by the
     data-parallel size (DP x CP) for dense parameters and by megatron's expert-data-parallel size
     (world / (EP x expert-TP x PP)) for expert parameters. ``trainer_state_gib`` is their sum.
 
@@ -669,7 +659,7 @@ def memory_estimate(cfg: JobConfig, arch: Architecture, kv_slots_per_engine: int
     dense = (total - expert_params) / (p.tensor * p.pipeline)
     experts = expert_params / (p.expert * p.tensor * p.pipeline)
     world = p.tensor * p.pipeline * p.context * p.data
-    if t.distributed_optimizer:
+    if t.optimizer.distributed:
         optimizer_held = dense / (p.data * p.context) + experts / max(1, world // (p.expert * p.tensor * p.pipeline))
     else:
         optimizer_held = dense + experts
@@ -767,14 +757,18 @@ def architecture_of(cfg: JobConfig) -> Architecture:
 
 
 def _architecture_of_hf(hf: dict) -> Architecture:
-    from routing_replay.capture.layout import moe_layer_ids
+    from routing_replay.models import family_of
 
-    ns = type("HFConfig", (), hf)
-    return Architecture(
-        num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"], num_attention_heads=hf["num_attention_heads"],
-        num_key_value_heads=hf["num_key_value_heads"],
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-        num_experts=hf.get("num_experts") or hf["num_local_experts"], top_k=hf["num_experts_per_tok"],
-        moe_intermediate_size=hf.get("moe_intermediate_size") or hf["intermediate_size"], vocab_size=hf["vocab_size"],
-        moe_layers=len(moe_layer_ids(ns)),
-    )
+    ns = type("HFConfig", (), hf)  # the families read configs by attribute
+    family = family_of(ns)
+    try:
+        return Architecture(
+            num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"],
+            num_attention_heads=hf["num_attention_heads"], num_key_value_heads=hf["num_key_value_heads"],
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+            num_experts=family.num_experts(ns), top_k=hf["num_experts_per_tok"],
+            moe_intermediate_size=family.expert_intermediate_size(ns), vocab_size=hf["vocab_size"],
+            moe_layers=len(family.moe_layer_ids(ns)),
+        )
+    except AttributeError as exc:  # a field a family rule reads is missing: report it as a missing key
+        raise KeyError(exc.name) from None

@@ -2,10 +2,11 @@
 
 Used by the tests, the demos and the RL job's tiny models. ``build(kind, out_dir)`` writes a
 Hugging Face checkpoint (config, safetensors, tokenizer) that SGLang and transformers load;
-``build_from_config`` does so for a job's ``model.tiny`` section. Kinds: ``qwen3_moe``,
-``qwen2_moe`` (with its shared expert), ``mixtral``, and ``glm4_moe`` (its first ``dense_layers``
-layers are plain MLPs, ``first_k_dense_replace``: a model with fewer routers than layers that SGLang
-serves; SGLang's Qwen MoE models ignore ``mlp_only_layers``).
+``build_from_config`` does so for a job's ``model.tiny`` section. A kind is a model family of
+``routing_replay.models`` (its ``model_type``), which holds the tiny HF config and model class:
+``qwen3_moe``, ``qwen2_moe`` (with its shared expert), ``mixtral``, and ``glm4_moe`` (its first
+``dense_layers`` layers are plain MLPs, ``first_k_dense_replace``: a model with fewer routers than
+layers that SGLang serves; SGLang's Qwen MoE models ignore ``mlp_only_layers``).
 
 torch is imported where a model is made, so that a configuration's dry run can read the shapes
 (``architecture_fields``) without it.
@@ -17,12 +18,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from routing_replay.models import FAMILIES, ModelFamily, TinyShape
+
 if TYPE_CHECKING:
     import torch
 
     from routing_replay.config import TinyModel
 
-KINDS = ("qwen3_moe", "qwen2_moe", "mixtral", "glm4_moe")
+KINDS = tuple(FAMILIES)
 ATTENTION_HEADS = 4
 KEY_VALUE_HEADS = 2
 TOKENIZER_VOCAB_SIZE = 512
@@ -55,9 +58,11 @@ def build_tokenizer(out_dir: Path, vocab_size: int = TOKENIZER_VOCAB_SIZE):
     return hf_tok
 
 
-def default_moe_intermediate_size(kind: str, hidden: int) -> int:
-    """Each expert's intermediate size unless one is given: Mixtral's experts are its MLPs."""
-    return hidden if kind == "mixtral" else hidden // 2
+def family(kind: str) -> ModelFamily:
+    """The model family a tiny ``kind`` names."""
+    if kind not in FAMILIES:
+        raise ValueError(f"unknown tiny model kind {kind!r}; choose from {KINDS}")
+    return FAMILIES[kind]
 
 
 def architecture_fields(kind: str, *, layers: int = 2, hidden: int = 64, experts: int = 8, top_k: int = 2,
@@ -65,7 +70,8 @@ def architecture_fields(kind: str, *, layers: int = 2, hidden: int = 64, experts
     """``config.Architecture``'s fields for a model ``make_model`` builds with these arguments."""
     return dict(num_layers=layers, hidden_size=hidden, num_attention_heads=ATTENTION_HEADS,
                 num_key_value_heads=KEY_VALUE_HEADS, head_dim=hidden // ATTENTION_HEADS, num_experts=experts,
-                top_k=top_k, moe_intermediate_size=moe_intermediate_size or default_moe_intermediate_size(kind, hidden),
+                top_k=top_k,
+                moe_intermediate_size=moe_intermediate_size or family(kind).default_moe_intermediate_size(hidden),
                 vocab_size=TOKENIZER_VOCAB_SIZE)
 
 
@@ -99,45 +105,20 @@ def make_model(kind: str, vocab_size: int, *, eos_id: int = 0, layers: int = 2, 
                dense_layers: Sequence[int] = (), seed: int = 0):
     """A random ``kind`` model in memory (float32), for callers that need no checkpoint on disk.
 
-    ``moe_intermediate_size``: each expert's (default ``default_moe_intermediate_size``);
-    ``shared_expert_size``: qwen2_moe's shared expert's intermediate size (default ``hidden``).
+    ``moe_intermediate_size``: each expert's (default: the family's ``default_moe_intermediate_size``);
+    ``shared_expert_size``: the shared expert's intermediate size, for families with a sized one
+    (qwen2_moe; default ``hidden``).
     """
     import torch
-    import transformers
 
-    if kind not in KINDS:
-        raise ValueError(f"unknown tiny model kind {kind!r}; choose from {KINDS}")
-    if shared_expert_size is not None and kind != "qwen2_moe":
-        raise ValueError(f"only qwen2_moe has a sized shared expert, not {kind}")
-    expert_size = moe_intermediate_size or default_moe_intermediate_size(kind, hidden)
-    common = dict(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
-                  num_attention_heads=ATTENTION_HEADS, num_key_value_heads=KEY_VALUE_HEADS,
-                  max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=eos_id, eos_token_id=eos_id,
-                  pad_token_id=eos_id, num_experts_per_tok=top_k)
-    if kind == "qwen3_moe":
-        config = transformers.Qwen3MoeConfig(**common, head_dim=hidden // ATTENTION_HEADS, intermediate_size=2 * hidden,
-                                             moe_intermediate_size=expert_size, num_experts=experts,
-                                             norm_topk_prob=True, mlp_only_layers=list(dense_layers))
-        model_cls = transformers.Qwen3MoeForCausalLM
-    elif kind == "qwen2_moe":
-        config = transformers.Qwen2MoeConfig(**common, intermediate_size=2 * hidden, moe_intermediate_size=expert_size,
-                                             shared_expert_intermediate_size=shared_expert_size or hidden,
-                                             num_experts=experts, norm_topk_prob=False,
-                                             mlp_only_layers=list(dense_layers))
-        model_cls = transformers.Qwen2MoeForCausalLM
-    elif kind == "glm4_moe":
-        if list(dense_layers) != list(range(len(dense_layers))):
-            raise ValueError("glm4_moe makes its first k layers dense: dense_layers must be 0..k-1")
-        # One expert group and no score bias: its sigmoid router then picks the top-k logits.
-        config = transformers.Glm4MoeConfig(**common, head_dim=hidden // ATTENTION_HEADS, intermediate_size=2 * hidden,
-                                            moe_intermediate_size=expert_size, n_routed_experts=experts,
-                                            n_shared_experts=1, n_group=1, topk_group=1, norm_topk_prob=True,
-                                            first_k_dense_replace=len(dense_layers))
-        model_cls = transformers.Glm4MoeForCausalLM
-    else:
-        if dense_layers:
-            raise ValueError("mixtral routes every layer: dense_layers is not supported")
-        config = transformers.MixtralConfig(**common, intermediate_size=expert_size, num_local_experts=experts)
-        model_cls = transformers.MixtralForCausalLM
+    model_family = family(kind)
+    if shared_expert_size is not None and not model_family.sized_shared_expert:
+        sized = [name for name, f in FAMILIES.items() if f.sized_shared_expert]
+        raise ValueError(f"only {', '.join(sized)} has a sized shared expert, not {kind}")
+    shape = TinyShape(vocab_size=vocab_size, hidden=hidden, layers=layers, experts=experts, top_k=top_k,
+                      moe_intermediate_size=moe_intermediate_size or model_family.default_moe_intermediate_size(hidden),
+                      shared_expert_size=shared_expert_size, dense_layers=tuple(dense_layers),
+                      attention_heads=ATTENTION_HEADS, key_value_heads=KEY_VALUE_HEADS, eos_id=eos_id)
+    config = model_family.tiny_config(shape)
     torch.manual_seed(seed)
-    return model_cls(config).float()
+    return model_family.hf_model_class()(config).float()

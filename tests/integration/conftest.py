@@ -19,13 +19,14 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    """Tiny random checkpoints (float32) of each MoE family, built locally."""
+    """Tiny random checkpoints (float32) of each model family (``routing_replay.models``), built locally;
+    glm4_moe's first layer is dense (a model with fewer routers than layers)."""
+    from routing_replay.models import FAMILIES
     from routing_replay.tiny_models import build
 
     root = tmp_path_factory.mktemp("models")
-    models = {kind: build(kind, root / kind, seed=i) for i, kind in enumerate(("qwen3_moe", "qwen2_moe", "mixtral"))}
-    models["glm4_moe"] = build("glm4_moe", root / "glm4_moe", layers=3, dense_layers=[0], seed=3)
-    return models
+    shapes = {"glm4_moe": dict(layers=3, dense_layers=[0])}
+    return {kind: build(kind, root / kind, seed=i, **shapes.get(kind, {})) for i, kind in enumerate(FAMILIES)}
 
 
 @pytest.fixture(scope="session")

@@ -94,11 +94,11 @@ def pipeline_worker(rank: int, world: int, port: int, path: str) -> None:
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from transformers import AutoModelForCausalLM
 
-    from routing_replay.megatron import cpu_workarounds
     from routing_replay.megatron.hf_checkpoint import build_model
     from routing_replay.megatron.logprobs import Batch
     from routing_replay.megatron.parallel import ParallelConfig, initialize
     from routing_replay.megatron.replay import ModelReplay
+    from tests.support.megatron_cpu import pipeline_schedules_on_cpu
 
     os.environ["MASTER_PORT"] = str(port)
     initialize(ParallelConfig(pipeline=2), rank=rank, world_size=world)
@@ -119,7 +119,7 @@ def pipeline_worker(rank: int, world: int, port: int, path: str) -> None:
 
     def run():
         outputs.clear()
-        with cpu_workarounds.pipeline_schedules_on_cpu():
+        with pipeline_schedules_on_cpu():
             get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([None]), model=[model],
                                         num_microbatches=1, seq_length=16, micro_batch_size=2, forward_only=True)
         return outputs[0] if outputs else None

@@ -50,7 +50,7 @@ def test_bf16_moves_fp32_main_params_at_lr_1e6_and_follows_the_float32_curve(tin
     from tests.integration.learner_ranks import loss_of
 
     initialize(ParallelConfig())
-    curves, untouched_moved = {}, {}
+    curves = {}
     for dtype in (torch.bfloat16, torch.float32):
         model = build_model(tiny, dtype=dtype)
         initial = {name: p.detach().float().clone() for name, p in model.named_parameters()}

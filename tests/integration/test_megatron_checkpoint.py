@@ -1,12 +1,18 @@
-"""megatron-core models from Hugging Face checkpoints: logits, log-probs, export round trip."""
+"""megatron-core models from Hugging Face checkpoints of every model family: logits, log-probs,
+export round trip; a checkpoint's multi-token-prediction layers are refused by name."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from routing_replay.megatron.hf_checkpoint import build_model, export_hf, family_of, rules, save_hf
+from routing_replay.megatron.hf_checkpoint import build_model, export_hf, load_hf, rules, save_hf
 from routing_replay.megatron.logprobs import Batch, score
+from routing_replay.models import FAMILIES, UnsupportedModel
+
+TINY_SHAPES = {"qwen3_moe": dict(layers=3, dense_layers=[1]), "glm4_moe": dict(layers=3, dense_layers=[0]),
+               "deepseek_v3": dict(layers=3, dense_layers=[0])}
+"""Tiny shapes with dense layers where the family has them (default: two routed layers)."""
 
 
 @pytest.fixture(scope="module")
@@ -21,11 +27,8 @@ def checkpoints(tmp_path_factory):
     from routing_replay.tiny_models import build
 
     root = tmp_path_factory.mktemp("mcore-models")
-    return {
-        "qwen3_moe": build("qwen3_moe", root / "qwen3", layers=3, dense_layers=[1], seed=11),
-        "qwen2_moe": build("qwen2_moe", root / "qwen2", seed=12),
-        "mixtral": build("mixtral", root / "mixtral", seed=13),
-    }
+    return {kind: build(kind, root / kind, seed=11 + i, **TINY_SHAPES.get(kind, {}))
+            for i, kind in enumerate(FAMILIES)}
 
 
 def hf_model(path):
@@ -34,7 +37,7 @@ def hf_model(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-@pytest.mark.parametrize("kind", ["qwen3_moe", "qwen2_moe", "mixtral"])
+@pytest.mark.parametrize("kind", sorted(FAMILIES))
 def test_logits_and_logprobs_match_transformers(kind, checkpoints, megatron_ready):
     model, reference = build_model(checkpoints[kind]).eval(), hf_model(checkpoints[kind])
     batch = Batch.from_sequences([torch.randint(5, 200, (n,)).tolist() for n in (17, 11, 14)])
@@ -57,7 +60,7 @@ def test_dense_layers_have_no_router(checkpoints, megatron_ready):
     assert routers == ["decoder.layers.0.mlp.router", "decoder.layers.2.mlp.router"]
 
 
-@pytest.mark.parametrize("kind", ["qwen3_moe", "qwen2_moe", "mixtral"])
+@pytest.mark.parametrize("kind", sorted(FAMILIES))
 def test_export_round_trip_is_exact(kind, checkpoints, megatron_ready, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoConfig
@@ -69,14 +72,29 @@ def test_export_round_trip_is_exact(kind, checkpoints, megatron_ready, tmp_path)
     assert all(torch.equal(exported[name], original[name]) for name in original)
     reloaded = build_model(save_hf(build_model(checkpoints[kind]), config, tmp_path / "export"))
     assert all(torch.equal(a, b) for a, b in zip(export_hf(reloaded, config).values(), exported.values()))
-    assert len(rules(config)) > 0 and family_of(config)
 
 
-def test_unsupported_models_are_refused(checkpoints, megatron_ready):
+def test_multi_token_prediction_layers_are_refused_by_name(checkpoints, megatron_ready):
+    """Real DeepSeek-V3 / GLM-4.5 checkpoints carry MTP layers past ``num_hidden_layers``, which
+    transformers ignores and the Megatron side does not build: refused before any data is read."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(checkpoints["deepseek_v3"])
+    tensors = load_file(checkpoints["deepseek_v3"] / "model.safetensors")
+    tensors["model.layers.3.eh_proj.weight"] = torch.zeros(2, 2)
+    model = build_model(checkpoints["deepseek_v3"], load_weights=False)
+    assert config.num_nextn_predict_layers == 1
+    with pytest.raises(UnsupportedModel, match=r"multi-token-prediction layers \[3\] \(num_nextn_predict_layers=1, "
+                                               r"past num_hidden_layers=3\)"):
+        load_hf(model, config, tensors)
+
+
+def test_unsupported_models_are_refused(megatron_ready):
     from types import SimpleNamespace
 
-    with pytest.raises(ValueError, match="unsupported model type 'llama'"):
-        family_of(SimpleNamespace(model_type="llama"))
+    with pytest.raises(UnsupportedModel, match="unsupported model type 'llama'; supported: "):
+        rules(SimpleNamespace(model_type="llama"))
 
 
 @pytest.mark.parametrize(("tensor", "expert"), [(2, 1), (1, 2)], ids=["tp2-sp", "ep2"])

@@ -110,7 +110,8 @@ def test_masked_rows_fall_back_to_the_models_own_routing(qwen3, megatron_ready):
 
 def test_rollout_rows_map_to_megatron_token_order():
     first, second = torch.arange(12).view(3, 2, 2), 100 + torch.arange(8).view(2, 2, 2)
-    ids, masks = rollout_to_router_indices([first, second], starts=[0, 1], seq_len=4)
+    routing = rollout_to_router_indices([first, second], starts=[0, 1], seq_len=4)
+    ids, masks = routing.indices, routing.masks
     # row s * B + b; sample 1's rows start at position 1
     assert ids[0][0 * 2 + 0].tolist() == first[0, 0].tolist()
     assert ids[1][2 * 2 + 0].tolist() == first[2, 1].tolist()
@@ -126,10 +127,10 @@ def test_refusals_and_bad_replay_data(qwen3, megatron_ready):
     model = build_model(qwen3)
     replay = ModelReplay(model)
     good = random_routing(4, replay.num_layers, torch.Generator().manual_seed(3))
-    with pytest.raises(ValueError, match="needs 2 tensors"):
+    with pytest.raises(ValueError, match="needs 2 layers"):
         with replay.replaying(good[:1]):
             pass
-    with pytest.raises(ValueError, match=r"must be \[tokens, 2\]"):
+    with pytest.raises(ValueError, match=r"must be \[tokens, 2, 2\]"):
         with replay.replaying([g[:, :1] for g in good]):
             pass
     with pytest.raises(ValueError, match="must lie in 0..7"):
@@ -180,14 +181,13 @@ def test_r3_brings_float32_training_closer_to_a_bfloat16_rollout(megatron_ready,
             used.clear()
             logits = engine(torch.tensor([seq])).logits[0, :-1].float()
             mu.append(torch.log_softmax(logits, -1).gather(1, torch.tensor(seq[1:])[:, None]).squeeze(1))
-            rows.append(torch.stack(used, 1)[:-1])  # the last token has no row
+            rows.append(torch.stack(used, 1)[:-1].to(torch.uint8))  # the last token has no row; uint8 as on the wire
     model = build_model(path).eval()
     replay = ModelReplay(model)
     batch = Batch.from_sequences(sequences)
     with torch.no_grad():
         own = score(model, batch).logprobs
-        indices, masks = rollout_to_router_indices(rows, [0] * len(rows), batch.tokens.shape[1])
-        with replay.replaying(indices, masks):
+        with replay.replaying(rollout_to_router_indices(rows, [0] * len(rows), batch.tokens.shape[1])):
             replayed = score(model, batch).logprobs
     mu = torch.stack(mu)
     assert replay.report().tokens_differing > 0  # bf16 and fp32 routed some tokens differently
@@ -215,16 +215,17 @@ def test_r2_replays_through_a_multi_mini_batch_update_loop(qwen3, megatron_ready
     samples = {f"s{i}": torch.randint(5, 300, (int(n),), generator=gen).tolist() for i, n in enumerate([12, 7, 15, 9])}
     keys = list(samples)
     old_batch = Batch.from_sequences([samples[k] for k in keys])
-    store = RecordedRouting()
+    store = RecordedRouting(replay.num_experts)
     with torch.no_grad(), replay.recording() as recorded:  # old-policy forward over the whole batch
         old = score(model, old_batch).logprobs
     store.add(keys, recorded, old_batch.lengths.tolist())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     for step, mini in enumerate((["s2", "s0"], ["s3", "s1"])):  # other order, size and padding
         batch = Batch.from_sequences([samples[k] for k in mini])
-        indices, masks = store.indices_for(mini, batch.tokens.shape[1])
+        held = store.indices_for(mini, batch.tokens.shape[1])
+        assert held.ids.dtype == torch.uint8  # stored and placed compact; widened in the router
         optimizer.zero_grad()
-        with replay.replaying(indices, masks):  # verification inside: the old routing is used exactly
+        with replay.replaying(held):  # verification inside: the old routing is used exactly
             scores = score(model, batch)
             (-scores.logprobs[scores.valid].mean()).backward()
         if step == 0:  # weights unchanged so far: replayed log-probs equal the old policy's
@@ -232,7 +233,7 @@ def test_r2_replays_through_a_multi_mini_batch_update_loop(qwen3, megatron_ready
                 n = len(samples[key]) - 1
                 assert torch.allclose(scores.logprobs[row, :n].detach(), old[keys.index(key), :n], atol=1e-6)
         optimizer.step()
-    assert replay.report().coverage == masks[0].sum().item() / masks[0].numel()
+    assert replay.report().coverage == held.mask[:, 0].sum().item() / held.tokens
     with pytest.raises(KeyError, match="no recorded routing for \\['unknown'\\]"):
         store.indices_for(["unknown"], 4)
 
@@ -263,13 +264,13 @@ def test_packed_batches_score_and_replay_like_padded_ones(qwen3, megatron_ready)
     sequences = [torch.randint(5, 300, (n,), generator=gen).tolist() for n in (9, 5, 12, 6)]
     padded, packed = Batch.from_sequences(sequences), Batch.packed(sequences, row_len=16)
     assert packed.tokens.shape[0] < padded.tokens.shape[0]  # sequences share rows
-    rows = [torch.rand(len(s) - 1, 2, 8, generator=gen).argsort(-1)[..., :TOP_K] for s in sequences]
+    rows = [torch.rand(len(s) - 1, 2, 8, generator=gen).argsort(-1)[..., :TOP_K].to(torch.uint8) for s in sequences]
     scored = {}
     with torch.no_grad():
         for name, batch in (("padded", padded), ("packed", packed)):
-            indices, masks = rollout_to_router_indices(rows, [0] * len(rows), batch.tokens.shape[1],
-                                                       placements=batch.placements)
-            with replay.replaying(indices, masks):
+            routing = rollout_to_router_indices(rows, [0] * len(rows), batch.tokens.shape[1],
+                                                placements=batch.placements)
+            with replay.replaying(routing):
                 scores = score(model, batch)
             scored[name] = [scores.logprobs[row, offset : offset + len(seq) - 1]
                             for seq, (row, offset) in zip(sequences, batch.placements)]

@@ -28,10 +28,11 @@ def test_sglang_routing_replays_in_megatron(qwen3_server, routing_collector, tin
     batch = Batch.from_sequences(sequences)
     model = build_model(tiny_models["qwen3_moe"]).eval()
     replay = ModelReplay(model)
-    indices, masks = rollout_indices_from_wire([samples[k] for k in keys], batch.tokens.shape[1])
+    routing = rollout_indices_from_wire([samples[k] for k in keys], batch.tokens.shape[1])
+    assert routing.ids.dtype == samples[keys[0]].routing.dtype == torch.uint8  # compact as received
     with torch.no_grad():
         own = score(model, batch, temperature=1.0).logprobs
-        with replay.replaying(indices, masks):
+        with replay.replaying(routing):
             replayed = score(model, batch, temperature=1.0).logprobs
     report = replay.report()
     # every real position but each sequence's last token has a rollout row

@@ -20,11 +20,14 @@ import signal
 import threading
 import time
 
+import msgspec
 import pytest
 import requests
+import torch
 
 from routing_replay import config, run_log
 from routing_replay.orchestration import driver, engines
+from routing_replay.wire import RoutingRecord
 
 # Each test may include the job's first run and a resume (Ray actors, SGLang, megatron-core): minutes on 2 cores.
 pytestmark = pytest.mark.timeout(600)
@@ -33,7 +36,8 @@ SHORT_JOB = {
     "model": {"tiny": "qwen3_moe", "rollout_dtype": "float32", "train_dtype": "float32"},
     "rollout": {"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 4, "sync_tolerance": 1e-4,
                 "sglang_args": ["--skip-server-warmup", "--max-total-tokens", "4096"]},
-    "train": {"steps": 2, "mini_batches": 2, "micro_batch_size": 4, "learning_rate": 1e-3, "replay": "R3"},
+    "train": {"steps": 2, "mini_batches": 2, "micro_batch_size": 4, "optimizer": {"learning_rate": 1e-3},
+              "replay": "R3"},
     "task": {"name": "addition", "args": {"max_operand": 9}, "sft_warmup_steps": 20, "sft_learning_rate": 3e-3},
     "run": {"seed": 0, "checkpoint_every": 1},
 }
@@ -158,7 +162,10 @@ def test_an_engine_that_did_not_deliver_routing_counts_as_crashed():
     with pytest.raises(engines.EngineRoutingFailed, match="plugin is not active"):
         engines.check_routing_delivered(1, "s1-p0-g0", {"meta_info": {}})
     assert issubclass(engines.EngineRoutingFailed, engines.EngineCrashed)  # EnginePool restarts the engine
-    engines.check_routing_delivered(1, "s1-p0-g0", {"meta_info": {"routing_replay": [{"delivery": "queued"}]}})
+    record = RoutingRecord.of("s1-p0-g0", torch.zeros(3, 2, 2, dtype=torch.uint8), None, num_experts=8, num_tokens=4,
+                              token_hash=0)
+    queued = {**msgspec.to_builtins(record), "delivery": "queued"}
+    assert engines.check_routing_delivered(1, "s1-p0-g0", {"meta_info": {"routing_replay": [queued]}}) == 0
 
 
 def test_short_run_records_every_metric_with_full_replay(short_run, shared):
@@ -355,5 +362,5 @@ def test_resume_continues_from_the_last_checkpoint_and_drops_later_metrics(share
     logged = [(e.step, e.value) for e in events.Scalars("time/step")]  # once per step: the dropped one purged
     assert logged == [(r["step"], pytest.approx(r["time/step"], rel=1e-6)) for r in records if "time/step" in r]
     with pytest.raises(driver.JobError, match="another configuration"):
-        driver.Job(module_config(run_dir, steps=checkpointed + 2, learning_rate=1.0),
+        driver.Job(module_config(run_dir, steps=checkpointed + 2, optimizer={"learning_rate": 1.0}),
                    driver.Options(resume=True, progress=False))

@@ -5,6 +5,7 @@ identical, and rank 0 broadcasts the weights (experts gathered from both ranks) 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -18,7 +19,7 @@ from tests.integration.test_rl_job import job_config
 def test_data_and_expert_parallel_ranks_train_in_step(ray_local, tmp_path):
     cfg = job_config(tmp_path / "run", steps=2)
     cfg = cfg.model_copy(update={
-        "train": cfg.train.model_copy(update={"parallel": cfg.train.parallel.model_copy(update={"data": 2, "expert": 2})}),
+        "train": dataclasses.replace(cfg.train, parallel=dataclasses.replace(cfg.train.parallel, data=2, expert=2)),
         "rollout": cfg.rollout.model_copy(update={"engines": 2})})
     job = driver.Job(cfg, driver.Options(progress=False))
     try:

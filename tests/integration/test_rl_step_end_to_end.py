@@ -71,15 +71,15 @@ def test_one_rl_step_with_r3_and_a_verified_weight_sync(tiny_models, routing_col
             span = slice(len(prompt) - 1, len(prompt) - 1 + len(out["output_ids"]))
             response[row, span] = True
             mu[row, span] = torch.tensor([entry[0] for entry in out["meta_info"]["output_token_logprobs"]])
-        indices, masks = rollout_indices_from_wire([routing[k] for k in keys], batch.tokens.shape[1])
-        with torch.no_grad(), replay.replaying(indices, masks):
+        held = rollout_indices_from_wire([routing[k] for k in keys], batch.tokens.shape[1])
+        with torch.no_grad(), replay.replaying(held):
             old = score(model, batch).logprobs
         mismatch = metrics.RatioStats.from_log_ratio(old - mu, response).summary()
         assert mismatch["mean_abs"] < 1e-4  # same weights, float32 on both sides, same routing
 
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         weight = corrections.weights(old - mu, response, corrections.Correction("truncate", "token"))
-        with replay.replaying(indices, masks):
+        with replay.replaying(held):
             new = score(model, batch).logprobs
             terms = objective.token_loss(new, old, weight, advantages.group_normalized(rewards, 4), response,
                                          objective.Clip())

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import concurrent.futures
 
+import msgspec
 import pytest
 import requests
 import torch
 
-from routing_replay.sglang.client import RoutingNotReturned, decode_inline, routing_descriptor, routing_params
+from routing_replay.sglang.client import (RoutingNotReturned, decode_inline, routing_descriptor, routing_params,
+                                          routing_record)
 from routing_replay.wire import token_hash
 from tests.integration.sglang_support import (
     MALFORMED_CUSTOM_PARAMS,
@@ -41,8 +43,9 @@ PROMPTS = ["The quick brown fox", "Hello world! Mixture of experts models route 
 def test_greedy_routing_equals_hf_router_and_sglang_own_capture(qwen3_server, prompt):
     response, ours, descriptor = inline_routing(qwen3_server, prompt, max_new_tokens=10)
     check_against_references(qwen3_server, response, ours, prompt)
-    assert descriptor["layout"] == {"num_layers": LAYERS, "top_k": TOP_K, "num_experts": 8, "dtype": "uint8"}
-    assert descriptor["bytes"] == ours.numel()  # one byte per id, against four for SGLang's int32
+    record = routing_record(descriptor)
+    assert (record.num_layers, record.top_k, record.num_experts, record.dtype) == (LAYERS, TOP_K, 8, "uint8")
+    assert record.payload_bytes == ours.numel()  # one byte per id, against four for SGLang's int32
 
 
 def test_long_prompt_across_small_prefill_chunks(qwen3_server):
@@ -60,7 +63,9 @@ def test_delivered_over_the_wire_to_the_sink(qwen3_server, routing_collector):
     assert descriptor["delivery"] == "queued" and descriptor["sink"] == routing_collector.address
     tokens = token_ids(qwen3_server, response, prompt)
     sample = routing_collector.get("wire-1", timeout=30, token_ids=tokens)
-    assert sample.header.token_hash == token_hash(tokens) == descriptor["token_hash"]
+    # The record made in the scheduler, as received (shm fields are the sender's, none for small rows).
+    assert msgspec.structs.replace(sample.record, shm=None, shm_offset=0) == routing_record(descriptor)
+    assert sample.record.token_hash == token_hash(tokens)
     assert torch.equal(sample.routing, decode_inline(descriptor)[0])
     check_against_references(qwen3_server, response, sample.routing.long(), prompt)
 
@@ -254,7 +259,7 @@ def test_other_moe_families(kind, moe_layers, tiny_models, tmp_path):
     try:
         for prompt in PROMPTS[:2]:
             response, ours, descriptor = inline_routing(server, prompt, max_new_tokens=8)
-            assert descriptor["layout"]["num_layers"] == len(moe_layers)
+            assert routing_record(descriptor).num_layers == len(moe_layers)
             check_against_references(server, response, ours, prompt, moe_layers=moe_layers)
     finally:
         server.stop()

@@ -14,7 +14,7 @@ import zmq
 from routing_replay.ports import free_port
 from routing_replay.wire import CollectorConfig, DeliveryError, RoutingCollector, RoutingSender, SenderConfig
 from routing_replay.wire import format as wf
-from tests.integration.test_wire_transport import header_for, make_routing, meta_for, wait_for
+from tests.integration.test_wire_transport import header_for, make_routing, record_for, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -54,6 +54,19 @@ def test_a_resent_duplicate_is_acknowledged_and_counted_but_delivered_once():
             peer.close()
 
 
+def test_a_take_of_thousands_of_samples_acknowledges_every_one():
+    """``taken`` acks of a large take reach the sender (a ROUTER drops what exceeds its send
+    high-water mark, 1000 messages by default: the sender would hold those samples for an hour)."""
+    routing = make_routing(1, 1, 1, 8)
+    keys = [f"s{i}" for i in range(2500)]
+    with RoutingCollector() as collector, RoutingSender(SenderConfig(heartbeat_s=0.1)) as sender:
+        for key in keys:
+            sender.send(record_for(key, routing, 8), routing, collector.address)
+        collector.take(keys, timeout=30)
+        sender.flush(timeout=10)
+        assert sender.stats().taken == len(keys)
+
+
 def test_unacknowledged_routing_is_resent_and_taken_once():
     """A collector that is not reading (the consumer holds a sample that spends its whole budget)
     does not acknowledge: the sender resends after ack_timeout_s; once the collector reads again the
@@ -62,10 +75,10 @@ def test_unacknowledged_routing_is_resent_and_taken_once():
     late = make_routing(5, 3, 2, 8, seed=1)
     with RoutingCollector(CollectorConfig(budget_bytes=blocker.numel())) as collector, \
             RoutingSender(SenderConfig(shared_memory=False, **QUICK_RESEND)) as sender:
-        sender.send(meta_for("blocker", blocker, 16), blocker, collector.address).received.result(timeout=10)
+        sender.send(record_for("blocker", blocker, 16), blocker, collector.address).received.result(timeout=10)
         held = collector.get("blocker", timeout=10)
         before = sender.stats().transmitted  # final for the blocker: it is acknowledged
-        delivery = sender.send(meta_for("late", late, 8), late, collector.address)
+        delivery = sender.send(record_for("late", late, 8), late, collector.address)
         wait_for(lambda: sender.stats().transmitted >= before + 2, "the unacknowledged sample to be resent")
         assert not delivery.received.done()  # nothing was read: the resend was the ack timeout's
         del held
@@ -96,19 +109,19 @@ def test_every_sample_is_taken_exactly_once_across_resends_and_a_collector_resta
 
     with RoutingSender(SenderConfig(shm_min_bytes=2048, **QUICK_RESEND)) as sender:
         first = RoutingCollector(CollectorConfig(bind=address))
-        deliveries = {k: sender.send(meta_for(k, sent[k], 64), sent[k], address) for k in keys[:24]}
+        deliveries = {k: sender.send(record_for(k, sent[k], 64), sent[k], address) for k in keys[:24]}
         take(first, keys[:10])  # closed right after: its `taken` acks go out while it closes
         for key in keys[10:24]:
             deliveries[key].received.result(timeout=30)  # held by the first collector, never taken there
         first.close()
         for key in keys[24:]:  # sent while no collector is up
-            deliveries[key] = sender.send(meta_for(key, sent[key], 64), sent[key], address)
+            deliveries[key] = sender.send(record_for(key, sent[key], 64), sent[key], address)
         with RoutingCollector(CollectorConfig(bind=address)) as second:
             take(second, keys[10:])
             for delivery in deliveries.values():
                 delivery.taken.result(timeout=30)  # nothing is pending: nothing more is resent
             sentinel = make_routing(2, 6, 4, 64)
-            sender.send(meta_for("sentinel", sentinel, 64), sentinel, address)
+            sender.send(record_for("sentinel", sentinel, 64), sentinel, address)
             second.get("sentinel", timeout=30)  # behind everything sent: the second collector read it all
             assert second.held_keys() == []  # keys the first collector handed over were not delivered again
             assert second.stats().received == len(keys) - 10 + 1
@@ -127,12 +140,12 @@ def test_routing_over_the_collectors_limit_fails_at_the_sender_and_the_collector
     big, small = make_routing(rows, 20, 8, 16), make_routing(3, 2, 2, 8)  # 16 KB or 160 KB
     with RoutingCollector(CollectorConfig(max_message_bytes=SMALL_LIMIT)) as collector, \
             RoutingSender(SenderConfig(shared_memory=shared_memory, shm_min_bytes=0, **QUICK_RESEND)) as sender:
-        delivery = sender.send(meta_for("big", big, 16), big, collector.address)
+        delivery = sender.send(record_for("big", big, 16), big, collector.address)
         with pytest.raises(DeliveryError, match=rf"oversized: {big.numel()} bytes exceed the collector's limit "
                                                 rf"of {SMALL_LIMIT}"):
             delivery.taken.result(timeout=10)
         assert sender.stats().transmitted == 0 and sender.stats().failed == 1
-        after = sender.send(meta_for("after", small, 8), small, collector.address)
+        after = sender.send(record_for("after", small, 8), small, collector.address)
         assert torch.equal(collector.get("after", timeout=10).routing, small)
         after.taken.result(timeout=10)
         stats = collector.stats()
@@ -172,7 +185,7 @@ def test_a_size_claim_beyond_the_zmq_limit_drops_the_connection_before_any_byte_
         assert (stats.messages, stats.pings) == (1, 1)
         routing = make_routing(3, 2, 2, 8)
         with RoutingSender(SenderConfig(**QUICK_RESEND)) as sender:
-            sender.send(meta_for("after", routing, 8), routing, collector.address)
+            sender.send(record_for("after", routing, 8), routing, collector.address)
             assert torch.equal(collector.get("after", timeout=10).routing, routing)
 
 

@@ -23,7 +23,7 @@ import zmq
 
 from routing_replay.wire import CollectorConfig, CollectorStats, RoutingCollector, RoutingSender, SenderConfig
 from routing_replay.wire import format as wf
-from tests.integration.test_wire_transport import make_routing, meta_for, wait_for
+from tests.integration.test_wire_transport import make_routing, record_for, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -70,7 +70,7 @@ def capture_sender_messages(sender: RoutingSender) -> list[Message]:
         tap.send_multipart([identity, wf.encode(wf.Pong(message["nonce"], "tap-epoch", message["shm_probe"] is not None, 1 << 30))])
         if first:  # the handshake is done: now the routing, the large sample through /dev/shm
             for key, ids, experts, valid, layers in samples:
-                sender.send(meta_for(key, ids, experts, weight_version="v1"),  # a string field to mutate
+                sender.send(record_for(key, ids, experts, weight_version="v1", valid=valid),  # a string field to mutate
                             ids, address, valid=valid, layers=layers)
     tap.close()
     captured = _one_per_kind(captured)
@@ -247,6 +247,18 @@ MUTATIONS = [flip_bits, field_value, invalid_utf8, size_claim, drop_or_add_field
              wrong_top_level, empty]
 
 
+def targeted(corpus: list[Message]) -> list[Message]:
+    """Mutations that random ones reach only rarely, under fresh keys (a duplicate key is answered
+    before its payload is looked at): a payload one byte short behind a valid header, and a
+    shared-memory region outside its arena."""
+    by_key = {fields["key"]: message for message in corpus
+              if (fields := _fields(message)) and fields.get("type") == "routing"}
+    framed, shared = by_key["frames"], by_key["shm"]
+    short = _with_fields(framed, {**_fields(framed), "key": "targeted-short"})
+    outside = _with_fields(shared, {**_fields(shared), "key": "targeted-outside", "shm_offset": 1 << 40})
+    return [[short[0], short[1][:-1]], outside]
+
+
 def mutated(corpus: list[Message], other_direction: list[Message], count: int, seed: int) -> list[Message]:
     rng = random.Random(seed)
     out = []
@@ -265,9 +277,9 @@ def _outcomes(stats: CollectorStats) -> int:
     return stats.received + stats.duplicates + stats.pings + sum(stats.rejected.values())
 
 
-def _decodes_to(message: Message, header: wf.RoutingHeader) -> bool:
+def _decodes_to(message: Message, record: wf.RoutingRecord) -> bool:
     try:
-        return wf.decode_to_collector(message[0]) == header
+        return wf.decode_to_collector(message[0]) == record
     except wf.WireFormatError:
         return False
 
@@ -288,7 +300,7 @@ def corpus():
 
 def test_collector_survives_10000_mutated_messages(corpus):
     to_collector, to_sender = corpus
-    messages = mutated(to_collector, to_sender, MESSAGES_PER_LOOP, seed=1)
+    messages = mutated(to_collector, to_sender, MESSAGES_PER_LOOP, seed=1) + targeted(to_collector)
     with RoutingCollector(CollectorConfig(budget_bytes=64 << 20)) as collector:
         rogue = zmq.Context.instance().socket(zmq.DEALER)
         rogue.linger = 0
@@ -307,7 +319,7 @@ def test_collector_survives_10000_mutated_messages(corpus):
         assert stats.messages == _outcomes(stats) == len(messages)  # each message counted once, as one outcome
         assert stats.rejected  # the mutations were seen as what they are
         assert {"header", "truncated", "frames", "checksum", "shm", "oversized", "payload_bytes", "rows", "layout",
-                "version", "dtype", "key"} <= set(stats.rejected), stats.rejected
+                "version", "dtype", "key", "missing"} <= set(stats.rejected), stats.rejected
         assert stats.rejected["internal_error"] == 0, "a mutation reached a bug in the collector"
         # Nothing delivered that was not sent: each held sample is a message we sent, byte for byte.
         sent = {}
@@ -319,20 +331,20 @@ def test_collector_survives_10000_mutated_messages(corpus):
         assert len(held) == stats.received
         samples = collector.take(held, timeout=1)
         for key, sample in samples.items():
-            candidates = [m for m in sent[key] if _decodes_to(m, sample.header)]
+            candidates = [m for m in sent[key] if _decodes_to(m, sample.record)]
             assert candidates, f"{key!r} was delivered with a header nobody sent"
             payload = sample.routing.numpy().tobytes()
             mask = b"" if sample.valid is None else sample.valid.numpy().tobytes()
-            if sample.header.shm is None:
+            if sample.record.shm is None:
                 assert any(m[1] == payload and (len(m) == 2 or m[2] == mask) for m in candidates)
-            assert wf.checksum(payload, mask) == sample.header.checksum
+            assert wf.checksum(payload, mask) == sample.record.checksum
         del samples
         rogue.close()
         # And valid traffic still arrives, exactly.
         with RoutingSender(SenderConfig(**FAST)) as sender:
             for i in range(20):
                 ids = make_routing(3 + i, 4, 2, 8, 100 + i)
-                sender.send(meta_for(f"after-{i}", ids, 8), ids, collector.address)
+                sender.send(record_for(f"after-{i}", ids, 8), ids, collector.address)
                 assert torch.equal(collector.get(f"after-{i}", timeout=10).routing, ids)
         print(f"collector: {len(messages)} mutated messages in {elapsed:.1f}s; rejected {dict(stats.rejected)}; "
               f"received {stats.received}, duplicates {stats.duplicates}, pings {stats.pings}")
@@ -349,7 +361,7 @@ def test_sender_survives_10000_mutated_acknowledgements(corpus):
     with RoutingSender(SenderConfig(**FAST)) as sender, RoutingCollector() as collector:
         for i in range(8):  # deliveries pending at the hostile end, for acks to act on
             ids = make_routing(4, 2, 2, 8, i)
-            sender.send(meta_for(f"pending-{i}", ids, 8), ids, address)
+            sender.send(record_for(f"pending-{i}", ids, 8), ids, address)
         assert hostile.poll(10_000), "the sender never reached the hostile collector"
         identity = hostile.recv_multipart()[0]
         for ack in acks:
@@ -367,7 +379,7 @@ def test_sender_survives_10000_mutated_acknowledgements(corpus):
         hostile.close()
         for i in range(20):  # the same sender still delivers, exactly
             ids = make_routing(5 + i, 3, 2, 8, 200 + i)
-            delivery = sender.send(meta_for(f"after-{i}", ids, 8), ids, collector.address)
+            delivery = sender.send(record_for(f"after-{i}", ids, 8), ids, collector.address)
             assert torch.equal(collector.get(f"after-{i}", timeout=10).routing, ids)
             delivery.taken.result(timeout=10)
         print(f"sender: {len(acks)} mutated acks; applied {stats.acks}, ignored {stats.acks_ignored}, "

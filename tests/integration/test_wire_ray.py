@@ -25,13 +25,15 @@ def test_routing_flows_between_ray_actors_without_the_object_store(ray_local):
         def send(self, address: str, n: int) -> dict[str, int]:
             import torch
 
-            from routing_replay.wire import RoutingMeta, RoutingSender, token_hash
+            from routing_replay.wire import RoutingRecord, RoutingSender, token_hash
 
             sums = {}
             with RoutingSender() as sender:
                 for i in range(n):
                     routing = torch.randint(0, 64, (50 + i, 4, 2), dtype=torch.uint8)
-                    sender.send(RoutingMeta(f"s{i}", 64, 51 + i, token_hash(range(51 + i))), routing, address)
+                    record = RoutingRecord.of(f"s{i}", routing, None, num_experts=64, num_tokens=51 + i,
+                                              token_hash=token_hash(range(51 + i)))
+                    sender.send(record, routing, address)
                     sums[f"s{i}"] = int(routing.sum())
                 sender.flush(timeout=30)
             return sums

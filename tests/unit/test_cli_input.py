@@ -2,6 +2,7 @@
 numeric options): one line naming the file and the field or the line, exit code 2, no traceback."""
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,6 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from routing_replay import cli, config
+from routing_replay.megatron.settings import OptimizerSettings, ParallelConfig
+from routing_replay.rl.settings import Clip, Correction
 
 SHIPPED_CPU_CONFIG = Path(__file__).parents[2] / "configs" / "tiny-moe-cpu.yaml"
 TINY = b"model: {tiny: qwen3_moe}\n"
@@ -37,8 +40,8 @@ BAD_CONFIGS = {
                                 ["train.steps: Input should be a valid integer, got a string (line 3)"]),
     "boolean for an integer": (TINY + b"run: {gpus: true}\n",
                                ["run.gpus: Input should be a valid integer, got a boolean"]),
-    "string for a float": (TINY + b"train: {learning_rate: '1e-3'}\n",
-                           ["train.learning_rate: Input should be a valid number, got a string"]),
+    "string for a float": (TINY + b"train: {optimizer: {learning_rate: '1e-3'}}\n",
+                           ["train.optimizer.learning_rate: Input should be a valid number, got a string"]),
     "NaN": (TINY + b"rollout: {top_p: .nan}\n", ["rollout.top_p: Input should be a finite number (line 2)"]),
     "wrong type in train.parallel": (TINY + b"train:\n  parallel:\n    expert: two\n",
                                      ["train.parallel.expert: Input should be a valid integer, got a string (line 4)"]),
@@ -58,7 +61,8 @@ BAD_CONFIGS = {
     "wrong type in task.args": (TINY + b"task: {args: {max_operand: [4]}}\n",
                                 ["task.args.max_operand: Value error, must be a number or a string, got a list"]),
     "tiny neither a kind nor a mapping": (b"model: {tiny: [qwen3_moe]}\n", [
-        "model.tiny: Value error, must be a kind (qwen3_moe, qwen2_moe, mixtral) or a mapping, got a list (line 1)"]),
+        "model.tiny: Value error, must be a kind (qwen3_moe, qwen2_moe, mixtral, glm4_moe, deepseek_v3) or a mapping, "
+        "got a list (line 1)"]),
     "tiny top_k above its experts": (b"model:\n  tiny:\n    kind: qwen3_moe\n    experts: 4\n    top_k: 8\n",
                                     ["model.tiny.top_k: Value error, top_k=8 must be at most experts=4 (line 5)"]),
     "unknown key in a tiny shape": (b"model:\n  tiny:\n    kind: qwen3_moe\n    expert: 4\n", [
@@ -123,15 +127,18 @@ def test_a_directory_as_config_is_refused(tmp_path, capsys):
         (b'{"num_hidden_layers": 2', "{dir}/config.json: cannot read as JSON: Expecting ',' delimiter"),
         (b"\xff{}", "{dir}/config.json: cannot read as JSON: 'utf-8' codec can't decode byte 0xff"),
         (b"[1, 2]", "{dir}/config.json: the top level must be a JSON object"),
-        (b'{"hidden_size": 64}', "{dir}/config.json: no 'num_hidden_layers' (set model.architecture instead)"),
-        (json.dumps({"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 0, "num_key_value_heads": 1,
+        (b'{"hidden_size": 64}', "{dir}/config.json: not a Hugging Face MoE config (unsupported model type None"),
+        (b'{"model_type": "qwen3_moe", "hidden_size": 64}',
+         "{dir}/config.json: no 'num_hidden_layers' (set model.architecture instead)"),
+        (json.dumps({"model_type": "qwen3_moe", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 0, "num_key_value_heads": 1,
                      "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                      "vocab_size": 512}).encode(), "{dir}/config.json: not a Hugging Face MoE config"),
-        (json.dumps({"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 1,
+        (json.dumps({"model_type": "qwen3_moe", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 1,
                      "num_experts": 8, "num_experts_per_tok": "2", "moe_intermediate_size": 32,
                      "vocab_size": 512}).encode(), "{dir}/config.json: top_k: Input should be a valid integer"),
     ],
-    ids=["absent", "not JSON", "not UTF-8", "not an object", "missing key", "zero heads", "string for an integer"],
+    ids=["absent", "not JSON", "not UTF-8", "not an object", "no model type", "missing key", "zero heads",
+         "string for an integer"],
 )
 def test_a_bad_checkpoint_config_json_is_a_config_error(tmp_path, capsys, config_json, message):
     checkpoint = tmp_path / "checkpoint"
@@ -146,9 +153,10 @@ def test_a_bad_checkpoint_config_json_is_a_config_error(tmp_path, capsys, config
 
 def test_yaml_1_1_surprises_are_read_as_written(tmp_path):
     path = tmp_path / "job.yaml"
-    path.write_text("model: {tiny: qwen3_moe}\ntrain: {learning_rate: 1e-5}\nrun: {output_dir: 2024-01-31}\n")
+    path.write_text("model: {tiny: qwen3_moe}\ntrain: {optimizer: {learning_rate: 1e-5}}\n"
+                    "run: {output_dir: 2024-01-31}\n")
     cfg = config.load(path)
-    assert cfg.train.learning_rate == 1e-5  # YAML 1.1 reads an exponent without a dot as a string
+    assert cfg.train.optimizer.learning_rate == 1e-5  # YAML 1.1 reads an exponent without a dot as a string
     assert cfg.run.output_dir == "2024-01-31"  # not datetime.date(2024, 1, 31)
 
 
@@ -225,10 +233,12 @@ def test_installed_entry_point_exits_2_without_a_traceback(tmp_path):
 
 # Keys the schema knows, so that generated documents reach the nested sections too.
 SCHEMA_KEYS = sorted({name for section in (config.JobConfig, config.ModelSection, config.TinyModel,
-                                           config.Architecture, config.RolloutSection, config.TrainSection,
-                                           config.ParallelSection, config.CorrectionSection, config.TaskSection,
+                                           config.Architecture, config.RolloutSection, config.TaskSection,
                                            config.RunSection)
-                      for name in section.model_fields} | {config.EXTENDS})
+                      for name in section.model_fields}
+                     | {field.name for section in (config.TrainSection, ParallelConfig, OptimizerSettings, Clip,
+                                                   Correction)
+                        for field in dataclasses.fields(section)} | {config.EXTENDS})
 YAML_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12)
     | st.sampled_from(["qwen3_moe", "R3", "truncate", "token", "disk"]),

@@ -1,5 +1,6 @@
 """Configuration composition: ``extends: BASE.yaml``, ``--set KEY=VALUE`` overrides and ``--print-config``."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -140,8 +141,8 @@ def test_a_bad_value_names_the_file_and_line_it_came_from(tmp_path):
         f"{top}: rollout.engines: Input should be a valid integer, got a string (line 3); "
         f"train.parallel.expertt: unknown key; allowed: tensor, pipeline, expert, context, data, sequence_parallel "
         f"({tmp_path}/base.yaml, line 5); "
-        f"train.steps: Input should be greater than or equal to 1 ({tmp_path}/base.yaml, line 3); "
-        f"train.replay: Input should be 'none', 'R2' or 'R3' ({tmp_path}/mid.yaml, line 3)")
+        f"train.replay: Input should be 'none', 'R2' or 'R3' ({tmp_path}/mid.yaml, line 3); "
+        f"train.steps: Input should be greater than or equal to 1 ({tmp_path}/base.yaml, line 3)")
 
 
 def test_extends_in_a_section_is_an_unknown_key(tmp_path):
@@ -167,10 +168,13 @@ def test_extends_works_for_the_experiment_schema(tmp_path):
     ("override", "field", "value"),
     [
         ("train.steps=12", "train.steps", 12),
-        ("train.learning_rate=1.0e-6", "train.learning_rate", 1e-6),
-        ("train.learning_rate=1e-6", "train.learning_rate", 1e-6),  # read as a number, as in a file
-        ("train.learning_rate=3", "train.learning_rate", 3.0),  # an integer for a float, as in a file
-        ("train.distributed_optimizer=true", "train.distributed_optimizer", True),
+        ("train.optimizer.learning_rate=1.0e-6", "train.optimizer.learning_rate", 1e-6),
+        ("train.optimizer.learning_rate=1e-6", "train.optimizer.learning_rate", 1e-6),  # a number, as in a file
+        ("train.optimizer.learning_rate=3", "train.optimizer.learning_rate", 3.0),  # an integer for a float
+        ("train.optimizer.distributed=true", "train.optimizer.distributed", True),
+        ("train.steps=7", "train.optimizer.total_steps", 7),  # the schedule spans the job's optimizer steps
+        ("train.clip.high=.inf", "train.clip.high", float("inf")),  # no upper clipping
+        ("train.correction.mode=mask", "train.correction.mode", "mask"),
         ("train.replay=R2", "train.replay", "R2"),
         ("train.parallel.expert=2", "train.parallel.expert", 2),
         ("rollout.sglang_args=[--tp-size, '2']", "rollout.sglang_args", ["--tp-size", "2"]),
@@ -217,8 +221,14 @@ def test_set_replaces_a_scalar_with_a_mapping_and_null_resets(tmp_path):
     ("overrides", "message"),
     [
         (["train.replay=R9"], "{p}: --set train.replay=R9: train.replay: Input should be 'none', 'R2' or 'R3'"),
-        (["train.replayy=R2"], "{p}: --set train.replayy=R2: train.replayy: unknown key; allowed: parallel, steps, "
-         "mini_batches, micro_batch_size, learning_rate"),
+        (["train.replayy=R2"], "{p}: --set train.replayy=R2: train.replayy: unknown key; allowed: parallel, "
+         "mini_batches, micro_batch_size, optimizer, recompute"),
+        # keys of earlier schemas name their new place
+        (["train.learning_rate=1.0e-6"], "{p}: --set train.learning_rate=1.0e-6: train.learning_rate: unknown key: now "
+         "train.optimizer.learning_rate"),
+        (["train.clip_high=0.3"], "{p}: --set train.clip_high=0.3: train.clip_high: unknown key: now train.clip.high"),
+        (["train.distributed_optimizer=true"], "{p}: --set train.distributed_optimizer=true: "
+         "train.distributed_optimizer: unknown key: now train.optimizer.distributed"),
         (["trainer.steps=2"], "{p}: --set trainer.steps=2: trainer: unknown key; allowed: model, rollout, train, task, "
          "run"),
         (["train.parallel.experts=2"], "{p}: --set train.parallel.experts=2: train.parallel.experts: unknown key; "
@@ -229,8 +239,10 @@ def test_set_replaces_a_scalar_with_a_mapping_and_null_resets(tmp_path):
         (["train.steps=0"], "{p}: --set train.steps=0: train.steps: Input should be greater than or equal to 1"),
         (["train.steps.x=1"], "{p}: --set train.steps.x=1: train.steps: Input should be a valid integer, got a "
          "mapping"),
-        (["train.learning_rate=.nan"], "{p}: --set train.learning_rate=.nan: train.learning_rate: Input should be a "
-         "finite number"),
+        (["train.optimizer.learning_rate=.nan"], "{p}: --set train.optimizer.learning_rate=.nan: "
+         "train.optimizer.learning_rate: Input should be a finite number"),
+        (["train.correction={mode: clip}"], "{p}: --set train.correction={{mode: clip}}: train.correction.mode: Input "
+         "should be 'none', 'truncate' or 'mask'"),
         (["rollout.sglang_args=--flag"], "{p}: --set rollout.sglang_args=--flag: rollout.sglang_args: Input should be "
          "a valid list, got a string"),
         (["rollout.sglang_args.0=x"], "{p}: --set rollout.sglang_args.0=x: rollout.sglang_args: Input should be a "
@@ -243,8 +255,8 @@ def test_set_replaces_a_scalar_with_a_mapping_and_null_resets(tmp_path):
         (["train.steps=2", "train.parallel.data=x", "train.steps=0"],
          "{p}: --set train.parallel.data=x: train.parallel.data: Input should be a valid integer, got a string; "
          "--set train.steps=0: train.steps: Input should be greater than or equal to 1"),
-        (["train.min_learning_rate=1.0"], "{p}: --set train.min_learning_rate=1.0: train.min_learning_rate: Value "
-         "error, min_learning_rate=1.0 must be at most learning_rate=1e-05"),
+        (["train.optimizer.min_learning_rate=1.0"], "{p}: --set train.optimizer.min_learning_rate=1.0: "
+         "train.optimizer.min_learning_rate: Value error, min_learning_rate=1.0 must be at most learning_rate=1e-05"),
         # an error in the file is still named by its line
         (["train.steps=2", "rollout.engines=0"], "{p}: --set rollout.engines=0: rollout.engines: Input should be "
          "greater than or equal to 1; train.micro_batch_size: Input should be greater than or equal to 1 (line 2)"),
@@ -323,7 +335,13 @@ def test_print_config_prints_every_field_and_reads_back_to_the_same_config(tmp_p
     data = config._parse_yaml(printed, captured.out)[0]
     assert list(data) == list(config.JobConfig.model_fields)
     for section, fields in data.items():
-        assert list(fields) == list(type(getattr(expected, section)).model_fields)
+        schema = type(getattr(expected, section))  # a model, or a settings dataclass (train)
+        names = [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) \
+            else schema.model_fields
+        assert list(fields) == list(names)
+    # but the schedule's length, which the job derives
+    assert "total_steps" not in data["train"]["optimizer"]
+    assert expected.train.optimizer.total_steps == 3 * expected.train.mini_batches
 
 
 def test_print_config_needs_no_checkpoint_and_applies_output_dir(tmp_path, capsys):

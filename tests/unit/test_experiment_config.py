@@ -19,6 +19,8 @@ def test_the_shipped_experiment_loads_and_every_cell_passes_the_dry_run(tmp_path
         for cell in experiment.cells_of(grid):
             cfg = experiment.cell_config(base, cell, tmp_path / "warm", grid.steps, tmp_path / cell.name)
             assert cfg.train.replay == cell.replay and cfg.train.mini_batches == cell.mini_batches
+            # the cell's learning-rate schedule spans its own optimizer steps
+            assert cfg.train.optimizer.total_steps == grid.steps * cell.mini_batches
             assert cfg.run.seed == cell.seed and cfg.task.sft_warmup_steps == 0
             assert config.validate_job(cfg, config.architecture_of(base)) == []
 

@@ -1,8 +1,14 @@
-"""Each package imports only what lies upstream of it: capture needs torch and nothing heavier."""
+"""Each package imports only what lies upstream of it: capture needs torch and nothing heavier, the
+model families nothing at all, and megatron-core only the megatron package."""
 
+import ast
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+
+PACKAGE = Path(__file__).parents[2] / "python" / "routing_replay"
+ENGINES = ("sglang", "megatron", "ray")
 
 BLOCKED = ("sglang", "megatron", "ray", "transformers", "zmq")
 
@@ -60,6 +66,41 @@ def test_rl_algorithm_imports_only_torch():
 def test_top_level_package_imports_nothing_heavy():
     result = import_with_blocked("routing_replay", BLOCKED + ("torch",))
     assert result.returncode == 0, result.stderr
+
+
+def imports_of(root: Path, top_level: tuple[str, ...]) -> list[str]:
+    """``file:line module`` of every import statement under ``root`` (also inside functions) of a
+    module whose top-level package is in ``top_level``."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules = [node.module]
+            else:
+                continue
+            found += [f"{path.relative_to(PACKAGE)}:{node.lineno} {m}" for m in modules if m.split(".")[0] in top_level]
+    return found
+
+
+def test_models_import_nothing_heavy_at_import_time():
+    result = import_with_blocked("routing_replay.models", BLOCKED + ("torch",))
+    assert result.returncode == 0, result.stderr
+
+
+def test_models_never_import_an_engine_not_even_lazily():
+    assert imports_of(PACKAGE / "models", ENGINES) == []
+
+
+def test_the_import_scan_finds_imports_inside_functions():
+    found = imports_of(PACKAGE / "megatron", ("megatron",))
+    assert any(line.startswith("megatron/hf_checkpoint.py:") for line in found)
+
+
+def test_only_the_megatron_package_imports_megatron_core():
+    outside = [line for line in imports_of(PACKAGE, ("megatron",)) if not line.startswith("megatron/")]
+    assert outside == [], "megatron-core is imported outside routing_replay/megatron/"
 
 
 def test_the_blocker_itself_works():

@@ -1,12 +1,17 @@
 """Job configurations: every shipped config passes the dry run; bad values name their field."""
 
+import dataclasses
+import math
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from routing_replay import config
+from routing_replay.megatron.settings import OptimizerSettings, ParallelConfig
+from routing_replay.rl.settings import Clip, Correction
 from routing_replay.tasks import addition, load_reward
 from routing_replay.tasks import math as math_task
 
@@ -37,7 +42,22 @@ def write(tmp_path, text: str) -> Path:
     ("text", "message"),
     [
         ("model: {tiny: qwen3_moe}\ntrain: {mini_batchs: 2}\n",
-         "train.mini_batchs: unknown key; allowed: parallel, steps, mini_batches"),
+         "train.mini_batchs: unknown key; allowed: parallel, mini_batches, micro_batch_size, optimizer, recompute, "
+         "recompute_layers, clip, replay, correction, min_replay_coverage, paired_diagnostics, steps"),
+        ("model: {tiny: qwen3_moe}\ntrain: {optimizer: {lr: 0.1}}\n",
+         "train.optimizer.lr: unknown key; allowed: learning_rate, min_learning_rate, warmup_steps, decay, "
+         "total_steps, weight_decay"),
+        ("model: {tiny: qwen3_moe}\ntrain: {clip: {low: -0.1, mid: 1}}\n",
+         "train.clip.low: Input should be greater than or equal to 0 (line 2); train.clip.mid: unknown key; allowed: "
+         "low, high (line 2)"),
+        ("model: {tiny: qwen3_moe}\ntrain: {clip: .nan}\n", "train.clip: must be a mapping, got a number"),
+        ("model: {tiny: qwen3_moe}\ntrain: {clip: {high: .nan}}\n",
+         "train.clip.high: Input should be greater than or equal to 0"),
+        ("model: {tiny: qwen3_moe}\ntrain: {correction: {upper: 0.9}}\n",
+         "train.correction.upper: Input should be greater than or equal to 1"),
+        ("model: {tiny: qwen3_moe}\ntrain: {optimizer: {total_steps: 7}}\n",
+         "train: Value error, optimizer.total_steps is the job's optimizer steps, train.steps x train.mini_batches: "
+         "leave it out"),
         ("model: {tiny: qwen3_moe}\ntrain: {mini_batches: 0}\n", "train.mini_batches: Input should be greater than or equal to 1"),
         ("model: {tiny: qwen3_moe}\ntrain: {replay: R4}\n", "train.replay: Input should be 'none', 'R2' or 'R3'"),
         ("model: {tiny: qwen3_moe, path: /x}\n", "set exactly one of model.path and model.tiny"),
@@ -48,36 +68,39 @@ def write(tmp_path, text: str) -> Path:
         ("model: {tiny: {kind: qwen3_moe, experts: 4, top_k: 8}}\n",
          "model.tiny.top_k: Value error, top_k=8 must be at most experts=4"),
         ("model: {tiny: {kind: qwen3_moe, shared_expert: 32}}\n",
-         "model.tiny.shared_expert: Value error, only qwen2_moe has a shared expert, not qwen3_moe"),
+         "model.tiny.shared_expert: Value error, only qwen2_moe has a sized shared expert, not qwen3_moe"),
         ("model: {tiny: {kind: qwen2_moe, hidden: 60}}\n", "model.tiny.hidden: Input should be a multiple of 8"),
         ("model: {tiny: {kind: mixtral, layers: 0}}\n",
          "model.tiny.layers: Input should be greater than or equal to 1"),
         ("model: {tiny: {kind: qwen3_moe, dense_layers: [0]}}\n",
          "model.tiny.dense_layers: unknown key; allowed: kind"),
         ("model: {tiny: {layers: 4}}\n", "model.tiny.kind: Field required"),
-        ("model: {tiny: glm4_moe}\n", "model.tiny.kind: Input should be 'qwen3_moe', 'qwen2_moe' or 'mixtral'"),
-        ("model: {tiny: 3}\n", "model.tiny: Value error, must be a kind (qwen3_moe, qwen2_moe, mixtral) or a mapping, "
+        ("model: {tiny: llama}\n", "model.tiny.kind: Input should be 'qwen3_moe', 'qwen2_moe', 'mixtral', 'glm4_moe' "
+         "or 'deepseek_v3'"),
+        ("model: {tiny: 3}\n", "model.tiny: Value error, must be a kind (qwen3_moe, qwen2_moe, mixtral, glm4_moe, deepseek_v3) or a mapping, "
          "got an integer"),
         ("model: {tiny: qwen3_moe}\ntrain: {min_replay_coverage: 1.5}\n",
          "train.min_replay_coverage: Input should be less than or equal to 1"),
         ("model: {tiny: qwen3_moe}\ntrain: {paired_diagnostics: 1}\n",
          "train.paired_diagnostics: Input should be a valid boolean"),
-        ("model: {tiny: qwen3_moe}\ntrain: {lr_warmup_steps: -1}\n",
-         "train.lr_warmup_steps: Input should be greater than or equal to 0"),
-        ("model: {tiny: qwen3_moe}\ntrain: {lr_decay: step}\n",
-         "train.lr_decay: Input should be 'constant', 'linear' or 'cosine'"),
-        ("model: {tiny: qwen3_moe}\ntrain: {learning_rate: 1.0e-5, min_learning_rate: 2.0e-5}\n",
-         "train.min_learning_rate: Value error, min_learning_rate=2e-05 must be at most learning_rate=1e-05"),
-        ("model: {tiny: qwen3_moe}\ntrain: {min_learning_rate: -1.0}\n",
-         "train.min_learning_rate: Input should be greater than or equal to 0"),
-        ("model: {tiny: qwen3_moe}\ntrain: {weight_decay: -0.1}\n",
-         "train.weight_decay: Input should be greater than or equal to 0"),
-        ("model: {tiny: qwen3_moe}\ntrain: {adam_beta1: 1.0}\n", "train.adam_beta1: Input should be less than 1"),
-        ("model: {tiny: qwen3_moe}\ntrain: {adam_beta2: -0.5}\n",
-         "train.adam_beta2: Input should be greater than or equal to 0"),
-        ("model: {tiny: qwen3_moe}\ntrain: {adam_eps: 0}\n", "train.adam_eps: Input should be greater than 0"),
-        ("model: {tiny: qwen3_moe}\ntrain: {distributed_optimizer: 1}\n",
-         "train.distributed_optimizer: Input should be a valid boolean"),
+        ("model: {tiny: qwen3_moe}\ntrain: {optimizer: {warmup_steps: -1}}\n",
+         "train.optimizer.warmup_steps: Input should be greater than or equal to 0"),
+        ("model: {tiny: qwen3_moe}\ntrain: {optimizer: {decay: step}}\n",
+         "train.optimizer.decay: Input should be 'constant', 'linear' or 'cosine'"),
+        ("model: {tiny: qwen3_moe}\ntrain: {optimizer: {learning_rate: 1.0e-5, min_learning_rate: 2.0e-5}}\n",
+         "train.optimizer.min_learning_rate: Value error, min_learning_rate=2e-05 must be at most learning_rate=1e-05"),
+        ("model: {tiny: qwen3_moe}\ntrain: {optimizer: {min_learning_rate: -1.0}}\n",
+         "train.optimizer.min_learning_rate: Input should be greater than or equal to 0"),
+        ("model: {tiny: qwen3_moe}\ntrain: {optimizer: {weight_decay: -0.1}}\n",
+         "train.optimizer.weight_decay: Input should be greater than or equal to 0"),
+        ("model: {tiny: qwen3_moe}\ntrain: {optimizer: {adam_beta1: 1.0}}\n",
+         "train.optimizer.adam_beta1: Input should be less than 1"),
+        ("model: {tiny: qwen3_moe}\ntrain: {optimizer: {adam_beta2: -0.5}}\n",
+         "train.optimizer.adam_beta2: Input should be greater than or equal to 0"),
+        ("model: {tiny: qwen3_moe}\ntrain: {optimizer: {adam_eps: 0}}\n",
+         "train.optimizer.adam_eps: Input should be greater than 0"),
+        ("model: {tiny: qwen3_moe}\ntrain: {optimizer: {distributed: 1}}\n",
+         "train.optimizer.distributed: Input should be a valid boolean"),
         ("model: {tiny: qwen3_moe}\ntrain: {recompute: partial}\n",
          "train.recompute: Input should be 'none', 'selective' or 'full'"),
         ("model: {tiny: qwen3_moe}\ntrain: {recompute_layers: 0}\n",
@@ -132,8 +155,8 @@ def test_a_micro_batch_that_divides_the_mini_batch_share_or_exceeds_it_is_valid(
 @pytest.mark.parametrize("text", [
     "train: {recompute: selective, recompute_layers: 3}",  # recompute_layers only matters with full
     "train: {recompute: full, recompute_layers: 2}",
-    "train: {distributed_optimizer: true}",  # one data-parallel rank: nothing to shard, allowed
-    "train: {learning_rate: 1.0e-4, min_learning_rate: 1.0e-4, lr_decay: cosine, lr_warmup_steps: 5}",
+    "train: {optimizer: {distributed: true}}",  # one data-parallel rank: nothing to shard, allowed
+    "train: {optimizer: {learning_rate: 1.0e-4, min_learning_rate: 1.0e-4, decay: cosine, warmup_steps: 5}}",
 ])
 def test_optimizer_and_recompute_settings_that_are_valid(tmp_path, text):
     cfg = config.load(write(tmp_path, "model: {tiny: qwen3_moe}\n" + text + "\n"))
@@ -142,10 +165,12 @@ def test_optimizer_and_recompute_settings_that_are_valid(tmp_path, text):
 
 def test_optimizer_recompute_and_placement_defaults(tmp_path):
     cfg = config.load(write(tmp_path, "model: {tiny: qwen3_moe}\n"))
-    t = cfg.train
-    assert (t.lr_warmup_steps, t.lr_decay, t.min_learning_rate, t.weight_decay) == (0, "constant", 0.0, 0.0)
-    assert (t.adam_beta1, t.adam_beta2, t.adam_eps) == (0.9, 0.999, 1e-8)
-    assert (t.distributed_optimizer, t.recompute, t.recompute_layers) == (False, "none", 1)
+    t, o = cfg.train, cfg.train.optimizer
+    assert (o.learning_rate, o.warmup_steps, o.decay, o.min_learning_rate) == (1e-5, 0, "constant", 0.0)
+    assert (o.weight_decay, o.total_steps) == (0.0, 10)  # the schedule spans train.steps x train.mini_batches
+    assert (o.adam_beta1, o.adam_beta2, o.adam_eps, o.grad_clip) == (0.9, 0.999, 1e-8, 1.0)
+    assert (o.distributed, t.recompute, t.recompute_layers) == (False, "none", 1)
+    assert (t.clip, t.correction) == (Clip(low=0.2, high=0.28), Correction("truncate", "token", upper=2.0, lower=0.5))
     assert (cfg.rollout.max_prompt_tokens, cfg.run.placement) == (512, "colocate")
 
 
@@ -159,7 +184,7 @@ def small_job(train_dtype="bfloat16", **train) -> config.JobConfig:
     return config.JobConfig(
         model=config.ModelSection(path="/x", architecture=SMALL, train_dtype=train_dtype),
         rollout=config.RolloutSection(max_prompt_tokens=3, max_new_tokens=1),
-        train=config.TrainSection(parallel=config.ParallelSection(data=4, expert=2), micro_batch_size=1, **train))
+        train=config.TrainSection(parallel=ParallelConfig(data=4, expert=2), micro_batch_size=1, **train))
 
 
 @pytest.mark.parametrize(
@@ -175,7 +200,7 @@ def small_job(train_dtype="bfloat16", **train) -> config.JobConfig:
 )
 def test_memory_estimate_of_weights_gradients_and_optimizer_state(train_dtype, distributed, expected):
     assert config.parameter_count(SMALL)[0] == 1024
-    memory = config.memory_estimate(small_job(train_dtype, distributed_optimizer=distributed), SMALL)
+    memory = config.memory_estimate(small_job(train_dtype, optimizer=OptimizerSettings(distributed=distributed)), SMALL)
     assert {part: memory[f"{part}_gib"] * 2**30 for part in expected} == expected
     assert memory["trainer_state_gib"] * 2**30 == sum(expected.values())
     assert memory["trainer_total_gib"] == (memory["trainer_state_gib"] + memory["activations_gib"]
@@ -203,8 +228,8 @@ def test_memory_estimate_of_activations_and_logits(recompute, activations):
 def test_recompute_shrinks_the_activations():
     cfg = config.load(next(p for p in CONFIGS if p.name == "qwen3-30b-a3b-r3.yaml"))
     arch = config.architecture_of(cfg)
-    activations = [config.memory_estimate(cfg.model_copy(update={"train": cfg.train.model_copy(update={
-        "recompute": recompute})}), arch)["activations_gib"] for recompute in ("none", "selective", "full")]
+    activations = [config.memory_estimate(cfg.model_copy(update={"train": replace(cfg.train, recompute=recompute)}),
+                                          arch)["activations_gib"] for recompute in ("none", "selective", "full")]
     assert activations[0] > activations[1] > activations[2]
 
 
@@ -215,7 +240,7 @@ def test_qwen3_30b_a3b_configs_fit_80_gib(path):
     assert config.validate_job(cfg, arch) == []
     memory = config.memory_estimate(cfg, arch)
     assert cfg.run.gpu_memory_gib == 80 and memory["trainer_total_gib"] <= 0.9 * 80
-    assert (cfg.train.distributed_optimizer, cfg.train.recompute, cfg.model.train_dtype) == (True, "full", "bfloat16")
+    assert (cfg.train.optimizer.distributed, cfg.train.recompute, cfg.model.train_dtype) == (True, "full", "bfloat16")
 
 
 def test_dry_run_prints_the_memory_breakdown(capsys):
@@ -227,6 +252,25 @@ def test_dry_run_prints_the_memory_breakdown(capsys):
     assert ("trainer memory per GPU (estimate, GiB): params 9.62, grads 19.24, main_params 7.11, adam 14.22, "
             "activations 5.50, logits 8.11, backward 6.00") in out
     assert "total 69.80 GiB of run.gpu_memory_gib=80 (limit 90%: 72.0); micro-batch of 1 x 4096 tokens" in out
+
+
+def test_each_trainer_rank_takes_the_train_section_as_it_is(tmp_path):
+    import pickle
+
+    from routing_replay.orchestration.driver import trainer_spec
+    from routing_replay.orchestration.trainer_settings import TrainerSettings
+
+    cfg = config.load(write(tmp_path, "model: {tiny: qwen3_moe}\nrollout: {temperature: 0.7}\ntrain: {steps: 3, "
+                                      "mini_batches: 2, parallel: {data: 2, expert: 2}, clip: {high: .inf}, "
+                                      "optimizer: {learning_rate: 1.0e-4, decay: cosine}, correction: {mode: mask}}\n"
+                                      "run: {seed: 5}\n"))
+    spec = trainer_spec(cfg, rank=1, world_size=2, master_port=1234, model_path="/m", routing_bind="tcp://x:*")
+    for field in dataclasses.fields(TrainerSettings):  # the same objects: nothing copied field by field
+        assert getattr(spec, field.name) == getattr(cfg.train, field.name), field.name
+    assert spec.optimizer.total_steps == 6 and spec.optimizer.decay == "cosine"  # steps x mini-batches
+    assert (spec.parallel.data, spec.parallel.expert, spec.clip.high, spec.correction.mode) == (2, 2, math.inf, "mask")
+    assert (spec.rank, spec.temperature, spec.train_dtype, spec.seed) == (1, 0.7, "float32", 5)
+    assert pickle.loads(pickle.dumps(spec)) == spec  # Ray sends it to the rank
 
 
 def test_replay_coverage_and_paired_diagnostics_default_to_strict_and_on(tmp_path):
@@ -244,8 +288,8 @@ def test_a_tiny_shape_gives_the_architecture_of_the_dry_run(tmp_path):
     assert (arch.num_layers, arch.hidden_size, arch.head_dim, arch.num_experts, arch.top_k,
             arch.moe_intermediate_size) == (4, 32, 8, 16, 4, 24)
     assert config.validate_job(cfg, arch) == []
-    problems = config.validate_job(cfg.model_copy(update={"train": cfg.train.model_copy(update={
-        "parallel": config.ParallelSection(expert=3, data=3)})}), arch)
+    problems = config.validate_job(cfg.model_copy(update={"train": replace(
+        cfg.train, parallel=ParallelConfig(expert=3, data=3))}), arch)
     assert any("train.parallel.expert=3 must divide the 16 experts" in p for p in problems), problems
 
 

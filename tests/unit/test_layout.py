@@ -41,18 +41,29 @@ def test_invalid_layouts_are_rejected_with_the_field_named(kwargs, message):
 def test_layout_from_hf_configs_counts_only_layers_with_a_router():
     from types import SimpleNamespace
 
-    from routing_replay.capture.layout import moe_layer_ids
+    from routing_replay.models import moe_layer_ids
 
-    qwen = SimpleNamespace(num_hidden_layers=6, num_experts=128, num_experts_per_tok=8, mlp_only_layers=[0, 3],
-                           decoder_sparse_step=1)
+    qwen = SimpleNamespace(model_type="qwen3_moe", num_hidden_layers=6, num_experts=128, num_experts_per_tok=8,
+                           mlp_only_layers=[0, 3], decoder_sparse_step=1)
     assert moe_layer_ids(qwen) == [1, 2, 4, 5]
     assert RoutingLayout.from_hf_config(qwen) == RoutingLayout(4, 8, 128)
-    sparse_step = SimpleNamespace(num_hidden_layers=6, num_experts=60, num_experts_per_tok=4, decoder_sparse_step=2)
+    sparse_step = SimpleNamespace(model_type="qwen2_moe", num_hidden_layers=6, num_experts=60, num_experts_per_tok=4,
+                                  decoder_sparse_step=2)
     assert moe_layer_ids(sparse_step) == [1, 3, 5]
-    mixtral = SimpleNamespace(num_hidden_layers=4, num_local_experts=8, num_experts_per_tok=2)
+    mixtral = SimpleNamespace(model_type="mixtral", num_hidden_layers=4, num_local_experts=8, num_experts_per_tok=2)
     assert RoutingLayout.from_hf_config(mixtral) == RoutingLayout(4, 2, 8)
-    deepseek = SimpleNamespace(num_hidden_layers=61, n_routed_experts=256, num_experts_per_tok=8,
-                               first_k_dense_replace=3, moe_layer_freq=1)
-    assert RoutingLayout.from_hf_config(deepseek) == RoutingLayout(58, 8, 256)
-    with pytest.raises(InvalidRoutingInput, match="not a Mixture-of-Experts config"):
-        RoutingLayout.from_hf_config(SimpleNamespace(num_hidden_layers=2, num_experts_per_tok=1))
+    glm = SimpleNamespace(model_type="glm4_moe", num_hidden_layers=46, n_routed_experts=128, num_experts_per_tok=8,
+                          first_k_dense_replace=1)
+    assert RoutingLayout.from_hf_config(glm) == RoutingLayout(45, 8, 128)
+
+
+def test_layout_refuses_configs_of_unsupported_or_non_moe_models():
+    from types import SimpleNamespace
+
+    from routing_replay.models import UnsupportedModel
+
+    with pytest.raises(UnsupportedModel, match="unsupported model type 'llama'; supported: .*qwen3_moe"):
+        RoutingLayout.from_hf_config(SimpleNamespace(model_type="llama", num_hidden_layers=2, num_experts_per_tok=1))
+    with pytest.raises(UnsupportedModel, match="qwen3_moe config has no num_experts or num_local_experts: not a Mixture-of-Experts"):
+        RoutingLayout.from_hf_config(SimpleNamespace(model_type="qwen3_moe", num_hidden_layers=2,
+                                                     num_experts_per_tok=1, num_experts=0))

@@ -36,6 +36,7 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 # Which extra each top-level part of routing_replay belongs to (None: the base dependencies).
 PART_EXTRA: dict[str, str | None] = {
     "__init__": None, "capture": None, "rl": None, "wire": None, "config": None, "ports": None, "cli": None,
+    "models": None, "settings": None, "integration_surface": None,
     "sglang": "serve",
     "megatron": "train", "orchestration": "train", "tasks": "train", "run_log": "train",
     "experiment_plots": "train", "tiny_models": "train", "demos": "train",
@@ -43,6 +44,9 @@ PART_EXTRA: dict[str, str | None] = {
 # Optional integrations: importable anywhere, but only guarded (inside a function or a try), so that
 # the package works without them. Distribution -> the extra that provides it.
 OPTIONAL = {"wandb": "wandb"}
+# Base parts that use a distribution of an extra inside functions only (guarded): the model families'
+# tiny builders import transformers when a tiny model is built, which needs the [train] extra.
+GUARDED_IN_BASE = {"transformers": "train"}
 # Imports that need a distribution other than the one that provides the module.
 INDIRECT = {"torch.utils.tensorboard": "tensorboard"}
 # Distributions imported directly but pinned exactly by a declared one (no separate requirement).
@@ -138,6 +142,9 @@ def test_extras_cover_every_third_party_import():
                         problems.append(f"{where}: imports the optional {module} at module level, unguarded")
                     if dist not in {canonicalize_name(r.name) for r in _requirements(OPTIONAL[dist])}:
                         problems.append(f"{where}: {dist} is not in the [{OPTIONAL[dist]}] extra")
+                elif extra is None and dist in GUARDED_IN_BASE and module not in unguarded:
+                    if dist not in {canonicalize_name(r.name) for r in _requirements(GUARDED_IN_BASE[dist])}:
+                        problems.append(f"{where}: {dist} is not in the [{GUARDED_IN_BASE[dist]}] extra")
                 elif dist not in declared and VIA.get(dist) not in declared:
                     problems.append(f"{where}: imports {module} ({dist}), not declared in the base"
                                     + ("" if extra is None else f" or [{extra}]"))

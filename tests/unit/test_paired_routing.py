@@ -29,3 +29,18 @@ def test_a_flip_reaches_its_position_and_every_later_one_of_its_sequence_only():
     assert flips.flipped == [0, 1] and flips.compared == [8, 7]
     # log-prob positions 0..2 score tokens 1..3 from the hidden states at positions 0..2
     assert flips.affected.tolist() == [[False, True, True], [False, False, False]]
+
+
+def test_flips_against_compact_rollout_ids_equal_those_against_int64():
+    """The trainer compares its own int64 top-k with the rollout's uint8 ``RouterIndices`` views."""
+    from routing_replay.megatron.replay import rollout_to_router_indices
+
+    gen = torch.Generator().manual_seed(0)
+    rows = [torch.rand(n, 2, 16, generator=gen).argsort(-1)[..., :2].to(torch.uint8) for n in (5, 3)]
+    routing = rollout_to_router_indices(rows, [0, 1], seq_len=6)
+    own = [torch.where(torch.rand(12, 1, generator=gen) < 0.3, torch.tensor([14, 15]), ids.long())
+           for ids in routing.indices]
+    compact = routing_flips(own, routing.indices, routing.masks, batch_size=2)
+    wide = routing_flips(own, [ids.long() for ids in routing.indices], routing.masks, batch_size=2)
+    assert routing.ids.dtype == torch.uint8 and compact.flipped == wide.flipped and sum(compact.flipped) > 0
+    assert compact.compared == wide.compared == [8, 8] and torch.equal(compact.affected, wide.affected)

@@ -257,6 +257,46 @@ def test_copy_rows_moves_whole_rows_between_recorders():
         main.copy_rows_from(RoutingRecorder(LAYOUTS["512e-int16"], 4), [0], [0])
 
 
+def test_gathered_rows_own_their_memory():
+    # The CPU gather allocates its outputs natively and hands them to torch (DLPack): each gather's
+    # tensors are fresh, writable, contiguous, and outlive the recorder.
+    layout = LAYOUTS["qwen3-30b-a3b"]
+    recorder = RoutingRecorder(layout, num_slots=8)
+    recorder.record(0, torch.tensor([2]), torch.arange(8)[None])
+    first, second = recorder.gather([2]).wait(), recorder.gather([2]).wait()
+    assert first.ids.data_ptr() != second.ids.data_ptr() and first.valid.data_ptr() != second.valid.data_ptr()
+    first.ids.fill_(99)
+    first.valid.fill_(False)
+    assert second.ids[0, 0].tolist() == list(range(8)) and second.valid[0].tolist() == [True] + [False] * 47
+    assert recorder.gather([2]).wait().ids[0, 0].tolist() == list(range(8))
+    del recorder
+    assert second.ids.is_contiguous() and second.valid.is_contiguous()
+    assert (second.ids.dtype, second.valid.dtype, second.ids.device) == (torch.uint8, torch.bool, torch.device("cpu"))
+    assert second.ids.sum().item() == sum(range(8)) and second.valid.sum().item() == 1
+
+
+def test_empty_gather_returns_zero_rows():
+    layout = LAYOUTS["deepseek-v3-256e"]
+    rows = RoutingRecorder(layout, num_slots=4).gather(torch.tensor([], dtype=torch.int32)).wait()
+    assert rows.ids.shape == (0, 58, 8) and rows.valid.shape == (0, 58)
+    assert rows.complete
+
+
+@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "512e-int16", "over-32-layers"])
+def test_large_gather_equals_reference(name):
+    # Over 64 KiB the native copy runs with the GIL released: same rows as the small path.
+    layout = LAYOUTS[name]
+    gen = torch.Generator().manual_seed(3)
+    recorder = RoutingRecorder(layout, num_slots=1024)  # gathering all of them copies 72 KiB or more
+    reference = ReferenceRecorder(1024, layout.num_layers, layout.top_k)
+    slots = torch.randperm(1024, generator=gen)[:200]
+    for layer in range(0, layout.num_layers, 2):  # every other layer: the flags alternate
+        ids = random_topk(gen, 200, layout)
+        recorder.record(layer, slots, ids)
+        reference.record(layer, slots.tolist(), ids.tolist())
+    assert_matches(recorder, reference, torch.randperm(1024, generator=gen).tolist())
+
+
 def test_clear_marks_everything_unwritten():
     recorder = RoutingRecorder(LAYOUTS["8e-top2"], num_slots=4)
     recorder.record(0, torch.tensor([1, 2]), torch.tensor([[0, 1], [2, 3]]))

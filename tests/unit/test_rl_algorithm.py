@@ -1,12 +1,15 @@
 """The RL maths against slow references and hand-computed values."""
 
 import math
+from typing import get_args
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from routing_replay.rl import advantages, corrections, identity, objective
 from routing_replay.rl.minibatch import loss_and_metrics
+from routing_replay.rl.settings import Clip, Correction, CorrectionLevel, CorrectionMode
 
 
 def test_group_normalised_advantages_against_a_loop():
@@ -41,31 +44,46 @@ MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
     ],
 )
 def test_correction_weights_by_hand(mode, level, expected):
-    w = corrections.weights(LOG_RHO, MASK, corrections.Correction(mode, level, upper=2.0, lower=0.5))
+    w = corrections.weights(LOG_RHO, MASK, Correction(mode, level, upper=2.0, lower=0.5))
     assert torch.allclose(w, torch.tensor(expected), atol=1e-6)
 
 
 def test_sequence_level_truncation_and_masking_act_on_the_product():
     log_rho = torch.log(torch.tensor([[3.0, 2.0]]))  # product 6
     mask = torch.ones(1, 2)
-    assert corrections.weights(log_rho, mask, corrections.Correction("truncate", "sequence", upper=2.0)).tolist() == [[2.0, 2.0]]
-    assert corrections.weights(log_rho, mask, corrections.Correction("mask", "sequence", upper=5.0)).tolist() == [[0.0, 0.0]]
+    assert corrections.weights(log_rho, mask, Correction("truncate", "sequence", upper=2.0)).tolist() == [[2.0, 2.0]]
+    assert corrections.weights(log_rho, mask, Correction("mask", "sequence", upper=5.0)).tolist() == [[0.0, 0.0]]
 
 
-def test_bad_correction_settings_name_the_field():
-    with pytest.raises(ValueError, match="correction.mode"):
-        corrections.Correction(mode="clip")
-    with pytest.raises(ValueError, match="correction.level"):
-        corrections.Correction(level="batch")
-    with pytest.raises(ValueError, match="bounds"):
-        corrections.Correction(upper=0.9)
+@pytest.mark.parametrize(
+    ("make", "field", "problem"),
+    [
+        (lambda: Correction(mode="clip"), "mode", "Input should be 'none', 'truncate' or 'mask'"),
+        (lambda: Correction(level="batch"), "level", "Input should be 'token', 'sequence' or 'geometric'"),
+        (lambda: Correction(upper=0.9), "upper", "Input should be greater than or equal to 1"),
+        (lambda: Correction(lower=0.0), "lower", "Input should be greater than 0"),
+        (lambda: Correction(upper=math.inf), "upper", "Input should be a finite number"),
+        (lambda: Clip(low=-0.1), "low", "Input should be greater than or equal to 0"),
+        (lambda: Clip(high=math.nan), "high", "Input should be greater than or equal to 0"),
+        (lambda: Clip(low="0.2"), "low", "Input should be a valid number"),
+    ],
+)
+def test_bad_settings_name_the_field(make, field, problem):
+    # The same checks as the job configuration's train.correction and train.clip: they are these types.
+    with pytest.raises(ValidationError) as error:
+        make()
+    assert [(e["loc"], e["msg"]) for e in error.value.errors()] == [((field,), problem)]
+
+
+def test_an_infinite_clip_never_binds():
+    assert identity.NEVER_CLIP == Clip(low=1.0, high=math.inf)
 
 
 def test_clipping_by_hand():
     logp_old = torch.zeros(1, 4)
     logp_theta = torch.log(torch.tensor([[0.5, 0.9, 1.1, 1.5]]))
     weights, mask = torch.ones(1, 4), torch.ones(1, 4)
-    clip = objective.Clip(low=0.2, high=0.2)
+    clip = Clip(low=0.2, high=0.2)
     positive = objective.token_loss(logp_theta, logp_old, weights, torch.tensor([1.0]), mask, clip)
     # A > 0: min(s, clip(s)) = [0.5, 0.9, 1.1, 1.2]
     assert positive.loss.item() == pytest.approx(-(0.5 + 0.9 + 1.1 + 1.2) / 4)
@@ -82,14 +100,14 @@ def test_objective_is_the_seeds_factorisation_without_correction_or_clipping():
     logp_mu, logp_old = torch.randn(3, 5, generator=gen) * 0.1, torch.randn(3, 5, generator=gen) * 0.1
     logp_theta = logp_old + torch.randn(3, 5, generator=gen) * 0.01
     adv, mask = torch.tensor([1.0, -0.5, 2.0]), torch.ones(3, 5)
-    w = corrections.weights(logp_old - logp_mu, mask, corrections.Correction("none"))
-    terms = objective.token_loss(logp_theta, logp_old, w, adv, mask, objective.Clip(low=10.0, high=10.0))
+    w = corrections.weights(logp_old - logp_mu, mask, Correction("none"))
+    terms = objective.token_loss(logp_theta, logp_old, w, adv, mask, Clip(low=10.0, high=10.0))
     direct = -(torch.exp(logp_theta - logp_mu) * adv[:, None]).mean()
     assert terms.loss.item() == pytest.approx(direct.item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("mode", corrections.MODES)
-@pytest.mark.parametrize("level", corrections.LEVELS)
+@pytest.mark.parametrize("mode", get_args(CorrectionMode))
+@pytest.mark.parametrize("level", get_args(CorrectionLevel))
 @pytest.mark.parametrize("summed_log_rho", [90.0, 1000.0])
 def test_huge_mismatch_gives_a_finite_loss_and_gradient(mode, level, summed_log_rho):
     """exp(90) overflows float32 and padding holds junk: weights stay finite (capped), padding never
@@ -100,11 +118,11 @@ def test_huge_mismatch_gives_a_finite_loss_and_gradient(mode, level, summed_log_
     mask = torch.tensor([[1, 1, 0], [1, 1, 0], [1, 1, 1]], dtype=torch.bool)
     logp_old = torch.zeros(3, 3)
     logp_theta = torch.tensor([[0.1, -0.1, 1000.0], [0.0, 0.2, -1000.0], [0.1, 0.0, 0.0]]).requires_grad_()
-    correction = corrections.Correction(mode, level, upper=2.0, lower=0.5)
+    correction = Correction(mode, level, upper=2.0, lower=0.5)
     weights = corrections.weights(log_rho, mask, correction)
     assert torch.isfinite(weights).all() and weights.max() <= math.exp(corrections.MAX_LOG_WEIGHT) * 1.0001
     loss, stats = loss_and_metrics(logp_theta, logp_old, logp_old - log_rho, torch.tensor([1.0, -2.0, 0.5]), mask,
-                                   objective.Clip(), correction)
+                                   Clip(), correction)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(logp_theta.grad).all()
     assert (logp_theta.grad[~mask] == 0).all()

@@ -1,5 +1,6 @@
-"""The RL step's guards, without a cluster: R3 refuses thin routing coverage, responses must line
-up token by token, and an engine refuses log-probs taken before temperature."""
+"""The RL step's guards, without a cluster: R3 refuses thin routing coverage and routing recorded
+under other weights, responses must line up token by token, and an engine refuses log-probs taken
+before temperature."""
 
 from types import SimpleNamespace
 
@@ -8,8 +9,10 @@ import torch
 
 from routing_replay.megatron.logprobs import Batch
 from routing_replay.orchestration import engines
-from routing_replay.orchestration.trainer import ReplayCoverageError, TrainerRank
+from routing_replay.orchestration.trainer import ReplayCoverageError, StaleRoutingError, TrainerRank
+from routing_replay.rl.rollout_batch import Sample
 from routing_replay.rl.step_stats import StepStats
+from routing_replay.wire import RoutingCollector, RoutingRecord, RoutingSender, SenderConfig, token_hash
 
 
 def trainer(replay: str, min_coverage: float) -> TrainerRank:
@@ -18,12 +21,12 @@ def trainer(replay: str, min_coverage: float) -> TrainerRank:
     return rank
 
 
-def masks_missing(batch: Batch, row: int, position: int, layers: int = 2) -> list[torch.Tensor]:
-    """Per layer [S * B] (sequence-major) masks, True everywhere but one (row, position) in layer 1."""
+def masks_missing(batch: Batch, row: int, position: int, layers: int = 2) -> torch.Tensor:
+    """A [S * B, layers] (sequence-major) replay mask, True everywhere but one (row, position) in layer 1."""
     seq_len, rows = batch.tokens.shape[1], batch.tokens.shape[0]
-    masks = [torch.ones(seq_len * rows, dtype=torch.bool) for _ in range(layers)]
-    masks[1][position * rows + row] = False
-    return masks
+    mask = torch.ones(seq_len * rows, layers, dtype=torch.bool)
+    mask[position * rows + row, 1] = False
+    return mask
 
 
 def test_r3_refuses_a_micro_batch_below_the_coverage_floor_naming_sample_and_position():
@@ -40,6 +43,24 @@ def test_r3_refuses_a_micro_batch_below_the_coverage_floor_naming_sample_and_pos
     trainer("R3", 1.0)._count_coverage(micro, batch, masks_missing(batch, row=0, position=4), StepStats())
     # Outside R3 the rollout routing only feeds the diagnostics: counted, never refused.
     trainer("none", 1.0)._count_coverage(micro, batch, masks_missing(batch, row=1, position=2), StepStats())
+
+
+def test_routing_recorded_under_other_weights_is_refused_naming_samples_and_versions():
+    """Real sender and collector on loopback: two samples sampled with 'step-3', one of whose
+    routing was recorded under 'step-2' (an engine that missed the weight update)."""
+    samples = [Sample(f"s3-p0-g{i}", (5, 6, 7), (8, 9), (-0.5, -1.5)) for i in range(2)]
+    with RoutingCollector() as collector, RoutingSender(SenderConfig(ack_timeout_s=1.0, heartbeat_s=0.2)) as sender:
+        for sample, version in zip(samples, ("step-3", "step-2")):
+            routing = torch.zeros(len(sample.token_ids) - 1, 2, 2, dtype=torch.uint8)
+            record = RoutingRecord.of(sample.key, routing, None, num_experts=8, num_tokens=len(sample.token_ids),
+                                      token_hash=token_hash(sample.token_ids), weight_version=version)
+            sender.send(record, routing, collector.address)
+        rank = TrainerRank()
+        rank.spec = SimpleNamespace(replay="R3", paired_diagnostics=False, routing_timeout=10.0)
+        rank.collector = collector
+        with pytest.raises(StaleRoutingError, match=r"sampled with weight version 'step-3'.* 1 sample\(s\) is stale: "
+                                                    r"1 recorded under 'step-2' \(s3-p0-g1\)"):
+            rank.old_logprobs(samples, "step-3")
 
 
 def test_log_probs_must_belong_to_the_output_tokens():

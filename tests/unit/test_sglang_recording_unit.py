@@ -6,16 +6,22 @@ SGLang cannot exercise on CPU (dense layers: SGLang 0.5.23's Qwen MoE models ign
 """
 
 import logging
+import threading
+from collections import Counter
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from routing_replay.sglang.client import decode_inline, routing_record
 from routing_replay.sglang.options import RecordingOptions
 from routing_replay.sglang.recording import SchedulerRecording
+from routing_replay.wire import RoutingCollector, RoutingRecord
+from routing_replay.wire import format as wire_format
 from routing_replay.wire.worker import BackgroundThreadDied
 
-CONFIG = SimpleNamespace(num_hidden_layers=4, num_experts=8, num_experts_per_tok=2, mlp_only_layers=[0, 2])
+CONFIG = SimpleNamespace(model_type="qwen3_moe", num_hidden_layers=4, num_experts=8, num_experts_per_tok=2,
+                         mlp_only_layers=[0, 2], decoder_sparse_step=1)
 
 
 def recording() -> SchedulerRecording:
@@ -127,6 +133,66 @@ def test_a_failed_delivery_is_the_requests_descriptor_with_every_row_missing(mon
     monkeypatch.undo()
     healthy = finish(rec, finished_request(rid="r2"))  # generation and recording go on
     assert healthy["delivery"] == "inline" and healthy["missing"] == 0 and healthy["scheduler_errors"] == 1
+
+
+def counting_calls(monkeypatch, module, *names: str) -> Counter:
+    """Wraps the real ``module.name`` functions to count their calls by (name, calling thread)."""
+    calls: Counter = Counter()
+    for name in names:
+        real = getattr(module, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            thread = threading.current_thread()
+            calls[_name, "scheduler" if thread is threading.main_thread() else thread.name.split("-")[1]] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def test_the_record_made_when_a_request_finishes_is_what_the_collector_receives(monkeypatch):
+    """One record per sample: made once in the scheduler (one checksum pass, one token hash), sent
+    unchanged by the real sender (no second checksum), received field for field by a real
+    collector, and returned as the descriptor's fields."""
+    calls = counting_calls(monkeypatch, wire_format, "checksum", "token_hash")
+    tokens = [11, 12, 13, 14, 15]
+    with RoutingCollector() as collector:
+        rec = SchedulerRecording(RecordingOptions(record_routing=True, routing_sink=collector.address,
+                                                  routing_shm=False), CONFIG, num_slots=64, max_batch=16,
+                                 device="cpu", sends=True)
+        try:
+            forward(rec, [0, 1, 2], {1: IDS[:3], 3: IDS[:3]})
+            forward(rec, [3], {1: IDS[3:]})  # the last row misses its second MoE layer: a mask travels
+            descriptor = finish(rec, finished_request({"inline": True, "key": "sample-7"}))
+            sample = collector.get("sample-7", timeout=10)  # so the sender has done its part
+        finally:
+            rec.close()
+    # Once in the scheduler, nothing in the sender; once more in the collector: its verification.
+    assert calls == {("checksum", "scheduler"): 1, ("token_hash", "scheduler"): 1, ("checksum", "collector"): 1}
+    assert descriptor["delivery"] == "queued" and descriptor["sink"] == collector.address
+    record = routing_record(descriptor)
+    assert isinstance(sample.record, RoutingRecord) and sample.record == record
+    assert wire_format.encode(sample.record) == wire_format.encode(record)  # byte for byte on the wire
+    assert (record.key, record.rows, record.num_tokens, record.missing, record.weight_version) == \
+        ("sample-7", 4, 5, 1, "v1")
+    assert record.token_hash == wire_format.token_hash(tokens)
+    ids, valid = decode_inline(descriptor)
+    assert torch.equal(sample.routing, ids) and torch.equal(sample.valid, valid)
+    assert valid.tolist() == [[True, True]] * 3 + [[True, False]]
+
+
+def test_the_driver_decodes_the_descriptor_into_the_record():
+    from routing_replay.orchestration.engines import EngineRoutingFailed, check_routing_delivered
+
+    rec = recording()
+    forward(rec, [0, 1, 2, 3], {1: IDS})  # the second MoE layer unrecorded: 4 missing positions
+    descriptor = finish(rec, finished_request({"inline": True, "key": "k1"}))
+    assert check_routing_delivered(0, "k1", {"meta_info": {"routing_replay": [descriptor]}}) == 4
+    with pytest.raises(EngineRoutingFailed, match="recorded as 'k1'"):
+        check_routing_delivered(0, "k2", {"meta_info": {"routing_replay": [descriptor]}})
+    for broken in ({**descriptor, "payload_bytes": 3}, {**descriptor, "rows": "4"}, {"delivery": "queued"}):
+        with pytest.raises(EngineRoutingFailed, match="no valid routing record"):
+            check_routing_delivered(0, "k1", {"meta_info": {"routing_replay": [broken]}})
 
 
 def test_a_dead_sender_thread_fails_the_delivery_naming_it():

@@ -1,7 +1,8 @@
 // The index and conversion logic of the routing recorder, shared by the CPU and CUDA kernels.
 //
-// Everything here is __host__ __device__ so the CPU build (and therefore the CPU test suite)
-// exercises exactly the code the CUDA kernels run. Nothing here allocates, syncs or throws.
+// Everything here but the dispatch helpers (host-only: they pick a kernel instantiation before a
+// launch) is __host__ __device__, so the CPU build (and therefore the CPU test suite) exercises
+// exactly the code the CUDA kernels run. Nothing here allocates, syncs or throws.
 // Functions are templated on the index type (int32/int64) and the storage type (uint8/int16) so
 // the inner loops carry no per-element dtype branches; dispatch() picks the instantiation.
 #pragma once
@@ -50,7 +51,7 @@ struct RecorderView {
 
 // Calls fn(T{}) with T = Wide when `wide`, else Narrow: turns a runtime dtype into a template argument.
 template <typename Narrow, typename Wide, typename Fn>
-RR_HD void dispatch_width(bool wide, Fn&& fn) {
+inline void dispatch_width(bool wide, Fn&& fn) {
   if (wide) {
     fn(Wide{});
   } else {
@@ -60,9 +61,9 @@ RR_HD void dispatch_width(bool wide, Fn&& fn) {
 
 // The C++ type of an int32/int64 index array, and of a recorder's uint8/int16 storage.
 template <typename Fn>
-RR_HD void dispatch_index(int32_t bytes, Fn&& fn) { dispatch_width<int32_t, int64_t>(bytes == 8, fn); }
+inline void dispatch_index(int32_t bytes, Fn&& fn) { dispatch_width<int32_t, int64_t>(bytes == 8, fn); }
 template <typename Fn>
-RR_HD void dispatch_storage(int32_t id_bytes, Fn&& fn) { dispatch_width<uint8_t, int16_t>(id_bytes == 2, fn); }
+inline void dispatch_storage(int32_t id_bytes, Fn&& fn) { dispatch_width<uint8_t, int16_t>(id_bytes == 2, fn); }
 
 template <typename I>
 RR_HD const I* typed(IndexArray a) {

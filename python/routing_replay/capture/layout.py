@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from routing_replay.capture.errors import InvalidRoutingInput
+from routing_replay.models import family_of, moe_layer_ids
 
 # uint8 holds ids 0..255: every expert of a 256-expert model (DeepSeek-V3) fits in one byte.
 _UINT8_MAX_EXPERTS = 256
@@ -51,9 +52,10 @@ class RoutingLayout:
 
     @classmethod
     def from_hf_config(cls, config: object) -> RoutingLayout:
-        """The routing layout of a Hugging Face MoE config (Qwen2/3-MoE, Mixtral, OLMoE, DeepSeek)."""
-        experts = _first_attr(config, ("num_experts", "num_local_experts", "n_routed_experts"))
-        return cls(len(moe_layer_ids(config)), int(config.num_experts_per_tok), int(experts))
+        """The routing layout of a Hugging Face MoE config of a supported family
+        (``routing_replay.models.FAMILIES``; ``models.UnsupportedModel`` otherwise)."""
+        family = family_of(config)
+        return cls(len(moe_layer_ids(config)), int(config.num_experts_per_tok), family.num_experts(config))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -77,29 +79,3 @@ class RoutingLayout:
     def valid_words(self) -> int:
         """int32 words of the per-slot validity bitmask (one bit per layer)."""
         return (self.num_layers + 31) // 32
-
-
-def _first_attr(config: object, names: tuple[str, ...]) -> int:
-    for name in names:
-        value = getattr(config, name, None)
-        if value:
-            return int(value)
-    raise InvalidRoutingInput(f"{type(config).__name__} has none of {names}: not a Mixture-of-Experts config")
-
-
-def moe_layer_ids(config: object) -> list[int]:
-    """Indices of the decoder layers that have a router, in model order.
-
-    Routing rows are stored for these layers only: row layer ``i`` belongs to decoder layer
-    ``moe_layer_ids(config)[i]``. Rules: Qwen2/3-MoE skip ``mlp_only_layers`` and layers where
-    ``(i + 1) % decoder_sparse_step != 0``; DeepSeek skips the first ``first_k_dense_replace``
-    layers and keeps every ``moe_layer_freq``-th; Mixtral and OLMoE route every layer.
-    """
-    dense = set(getattr(config, "mlp_only_layers", None) or ())
-    step = getattr(config, "decoder_sparse_step", None) or 1
-    first_moe = getattr(config, "first_k_dense_replace", None) or 0
-    freq = getattr(config, "moe_layer_freq", None) or 1
-    return [
-        i for i in range(int(config.num_hidden_layers))
-        if i not in dense and (i + 1) % step == 0 and i >= first_moe and i % freq == 0
-    ]

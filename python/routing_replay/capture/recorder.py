@@ -14,6 +14,10 @@ from routing_replay.capture.layout import RoutingLayout
 
 SlotsLike = Union[torch.Tensor, Sequence[int]]
 _INDEX_DTYPES = (torch.int32, torch.int64)
+_INDEX_BYTES = {torch.int32: 4, torch.int64: 8}
+# What torch.from_dlpack calls for a DLPack capsule, minus its Python wrapper (which costs more
+# than the native gather of one token). Looked up at import, so a torch without it fails loudly.
+_tensor_from_capsule = torch._C._from_dlpack
 
 # Error kinds of cpp/include/routing_replay/routing_row.h.
 _EXPERT_OUT_OF_RANGE, _SLOT_OUT_OF_RANGE, _PARTIAL_PADDING = 1, 2, 3
@@ -24,13 +28,15 @@ _ERROR_NAMES = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RoutingRows:
     """Routing of ``n`` tokens gathered from a recorder, on the host.
 
     ``ids`` is ``[n, num_layers, top_k]`` in the layout's dtype; ``valid`` is ``[n, num_layers]``
     bool, False where that (token, layer) was never recorded or was reset. Ids at invalid
-    positions are meaningless.
+    positions are meaningless. Both are contiguous and owned by these rows (no other gather or
+    recorder shares their memory). Not frozen: a frozen dataclass's ``__init__`` costs a tenth of
+    a one-token gather.
     """
 
     ids: torch.Tensor
@@ -58,6 +64,8 @@ class RoutingRows:
 class GatherHandle:
     """A gather in flight. On CUDA the copy to pinned host memory runs asynchronously on the
     stream that was current at ``gather``; ``wait`` blocks until it lands. On CPU it is done."""
+
+    __slots__ = ("_rows", "_errors", "_event", "_keepalive")
 
     def __init__(
         self,
@@ -124,6 +132,7 @@ class RoutingRecorder:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self._backend = native.backend_for(self.device)
+        self._on_cpu = self.device.type == "cpu"
         self.ids = torch.zeros((num_slots, layout.num_layers, layout.top_k), dtype=layout.dtype, device=self.device)
         self.valid_bits = torch.zeros((num_slots, layout.valid_words), dtype=torch.int32, device=self.device)
         self.error_counts = torch.zeros(native.NUM_ERROR_KINDS, dtype=torch.int64, device=self.device)
@@ -166,13 +175,23 @@ class RoutingRecorder:
         launch_record(self._backend, self._view, self.device, layer_id, slots, topk_ids, n_rows, valid_tensor)
 
     def gather(self, slots: SlotsLike) -> GatherHandle:
-        """Starts copying the rows of ``slots`` (in order) to the host; ``.wait()`` returns RoutingRows."""
-        slots = self._slots_on_device(slots)
-        rows = self._empty_rows(slots.shape[0], self.device)
-        self._call("gather", slots, rows.ids.data_ptr(), rows.valid.data_ptr())
-        if self.device.type == "cpu":
-            return GatherHandle(rows)
-        host = self._empty_rows(slots.shape[0], torch.device("cpu"), pin_memory=True)
+        """Starts copying the rows of ``slots`` (in order) to the host; ``.wait()`` returns RoutingRows.
+
+        Raises InvalidRoutingInput for a slot outside the recorder (on CUDA: RoutingCaptureError at
+        ``wait``, the kernel skips and counts it).
+        """
+        slots, slots_bytes = self._slots_on_device(slots)
+        n = slots.shape[0]
+        if self._on_cpu:
+            # One native call checks the slots, allocates both outputs and fills them; torch adopts
+            # the buffers through DLPack. Two torch.empty calls would cost more than a small gather.
+            error, ids, valid = self._backend.gather_new(self._view, slots.data_ptr(), slots_bytes, n)
+            if error is not None:
+                raise_call_error(error, self.num_slots, self.layout.num_experts)
+            return GatherHandle(RoutingRows(_tensor_from_capsule(ids), _tensor_from_capsule(valid)))
+        rows = self._empty_rows(n, self.device)
+        self._call("gather", slots, slots_bytes, rows.ids.data_ptr(), rows.valid.data_ptr())
+        host = self._empty_rows(n, torch.device("cpu"), pin_memory=True)
         host_errors = torch.empty(self.error_counts.shape, dtype=torch.int64, pin_memory=True)
         host.ids.copy_(rows.ids, non_blocking=True)
         host.valid.copy_(rows.valid, non_blocking=True)
@@ -184,7 +203,7 @@ class RoutingRecorder:
 
     def reset(self, slots: SlotsLike) -> None:
         """Marks every layer of ``slots`` unwritten (the engine freed those KV slots)."""
-        self._call("reset", self._slots_on_device(slots))
+        self._call("reset", *self._slots_on_device(slots))
 
     def clear(self) -> None:
         """Marks every slot unwritten (e.g. after the weights that produced the rows changed)."""
@@ -201,12 +220,13 @@ class RoutingRecorder:
                 f"copy_rows_from needs the same layout and device: {source.layout} on {source.device} "
                 f"vs {self.layout} on {self.device}"
             )
-        source_slots, slots = self._slots_on_device(source_slots), self._slots_on_device(slots)
+        source_slots, source_bytes = self._slots_on_device(source_slots)
+        slots, slots_bytes = self._slots_on_device(slots)
         if source_slots.shape != slots.shape:
             raise InvalidRoutingInput(f"{source_slots.shape[0]} source slots but {slots.shape[0]} destination slots")
         error = self._backend.copy_rows(
-            self._view, source._view, source_slots.data_ptr(), source_slots.element_size(), slots.data_ptr(),
-            slots.element_size(), slots.shape[0], native.stream_handle(self.device),
+            self._view, source._view, source_slots.data_ptr(), source_bytes, slots.data_ptr(), slots_bytes,
+            slots.shape[0], native.stream_handle(self.device),
         )
         raise_call_error(error, self._view.num_slots, self._view.num_experts)
 
@@ -217,23 +237,24 @@ class RoutingRecorder:
             torch.empty(shape, dtype=torch.bool, device=device, pin_memory=pin_memory),
         )
 
-    def _call(self, op: str, slots: torch.Tensor, *outputs: int) -> None:
+    def _call(self, op: str, slots: torch.Tensor, slots_bytes: int, *outputs: int) -> None:
         error = getattr(self._backend, op)(
-            self._view, slots.data_ptr(), slots.element_size(), slots.shape[0], *outputs,
-            native.stream_handle(self.device),
+            self._view, slots.data_ptr(), slots_bytes, slots.shape[0], *outputs, native.stream_handle(self.device),
         )
         raise_call_error(error, self._view.num_slots, self._view.num_experts)
 
-    def _slots_on_device(self, slots: SlotsLike) -> torch.Tensor:
+    def _slots_on_device(self, slots: SlotsLike) -> tuple[torch.Tensor, int]:
+        """``slots`` as a contiguous 1-D index tensor on the recorder's device, and its element size."""
         if not isinstance(slots, torch.Tensor):
             slots = torch.as_tensor(list(slots), dtype=torch.int64)
-        if slots.dtype not in _INDEX_DTYPES:
+        slots_bytes = _INDEX_BYTES.get(slots.dtype)
+        if slots_bytes is None:
             raise InvalidRoutingInput(f"slots must be int32 or int64, got {slots.dtype}")
         if slots.dim() != 1:
             raise InvalidRoutingInput(f"slots must be 1-D, got shape {tuple(slots.shape)}")
         if slots.device != self.device:
             slots = slots.to(self.device, non_blocking=True)
-        return slots.contiguous()
+        return slots.contiguous(), slots_bytes
 
     def _check_layer(self, layer_id: int) -> None:
         if isinstance(layer_id, bool) or not isinstance(layer_id, int):

@@ -1,5 +1,8 @@
 """megatron-core on a machine without CUDA: every piece applies only when torch sees no GPU.
 
+``apply()`` is idempotent and does nothing where there is a GPU; a process that runs megatron-core
+calls it once at its start. Every attribute it replaces is listed in ``routing_replay.integration_surface``.
+
 - RoPE and router gating call ``torch.cuda.current_device()``: it returns "cpu".
 - The alltoall token dispatcher uses CUDA streams, pipeline p2p synchronises the device: a
   do-nothing stream and synchronize stand in.
@@ -11,8 +14,6 @@
   ``sequence_parallel`` (their gradients are summed over the tensor-parallel group).
 - Activation recompute saves and restores the CUDA RNG state around each checkpointed block: on
   CPU the CPU generator's state stands in.
-- Pipeline schedules create tensors with ``device="cuda"``: ``pipeline_schedules_on_cpu()`` sends
-  such factory calls to the CPU while a schedule runs (a no-op where there is a GPU).
 - Expert parallelism with the alltoall dispatcher: split sizes reach ``all_to_all_single`` as
   tensors on CPU, which torch's gloo binding rejects; they are turned into lists.
 - megatron-core's optimizers (mixed precision, distributed, gradient clipping) create scalars with
@@ -115,29 +116,24 @@ def _is_cuda(device: object) -> bool:
         isinstance(device, str) and device.startswith("cuda"))
 
 
-class _CudaFactoryCallsToCpu(torch.overrides.TorchFunctionMode):
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if _is_cuda(kwargs.get("device")):
-            kwargs["device"] = "cpu"
-        return func(*args, **kwargs)
-
-
 _CUDA_TYPE_NAMES = {torch.float32: "torch.cuda.FloatTensor", torch.bfloat16: "torch.cuda.BFloat16Tensor",
                     torch.float16: "torch.cuda.HalfTensor"}
 
 
-class _CudaOnCpu(_CudaFactoryCallsToCpu):
+class _CudaOnCpu(torch.overrides.TorchFunctionMode):
     """What megatron-core's optimizers need: CUDA factory calls on the CPU, ``.cuda()`` the
     identity, and ``Tensor.type()`` naming CPU float tensors as CUDA ones (the optimizers sort
     parameters into fp16/bf16/fp32 groups by that name)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         if func is torch.Tensor.type and len(args) == 1 and not kwargs and args[0].dtype in _CUDA_TYPE_NAMES:
             return _CUDA_TYPE_NAMES[args[0].dtype]
         if func is torch.Tensor.cuda:
             return args[0]
-        return super().__torch_function__(func, types, args, kwargs)
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        return func(*args, **kwargs)
 
 
 def _optimizers_on_cpu() -> None:
@@ -161,16 +157,6 @@ def _optimizers_on_cpu() -> None:
         for name in ("__init__", "step", "sharded_state_dict", "load_state_dict"):
             if name in vars(cls):
                 setattr(cls, name, on_cpu(vars(cls)[name]))
-
-
-@contextlib.contextmanager
-def pipeline_schedules_on_cpu():
-    """Wrap megatron-core pipeline schedule calls with this; it does nothing where there is a GPU."""
-    if torch.cuda.is_available():
-        yield
-        return
-    with _CudaFactoryCallsToCpu():
-        yield
 
 
 def seed_rng(seed: int) -> None:

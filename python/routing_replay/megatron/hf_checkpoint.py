@@ -1,15 +1,19 @@
-"""Hugging Face MoE checkpoints <-> megatron-core GPTModel (Qwen3-MoE, Qwen2-MoE, Mixtral).
+"""Hugging Face MoE checkpoints <-> megatron-core GPTModel, for the families of ``routing_replay.models``.
 
 ``build_model(path)`` reads the checkpoint's config, builds a GPTModel with MoE layers (megatron-core's
-local spec; TransformerEngine's is not mapped yet) and loads the weights. Each weight is described
+local spec; TransformerEngine's is not mapped yet; multi-head latent attention where the family says
+``multi_latent_attention``) and loads the weights. Each weight is described
 once, by a ``Rule``: its Megatron name, its Hugging Face name(s), and how to pack them into one
 tensor and back. Loading and exporting both walk the same rules, so the round trip is exact.
 
-Routing semantics carried over: Qwen3-MoE and Mixtral renormalise the top-k softmax
-(``moe_router_pre_softmax=False``: softmax over the top-k logits); Qwen2-MoE does not
-(``norm_topk_prob=False`` -> softmax over all experts, then top-k). Qwen2-MoE's shared expert keeps
-its sigmoid gate (``moe_shared_expert_gate``). Qwen ``mlp_only_layers`` become dense layers
-(``moe_layer_freq``), so there are fewer routers than layers.
+The family facts live in ``routing_replay.models`` as plain data: its TransformerConfig fields
+(router score function and pre-softmax, shared expert, qk norm, qkv bias, dense layers as
+``moe_layer_freq``), extra GPTModel arguments, and its weights as ``Weight``s (names and a packing
+kind) that ``rules`` turns into ``Rule``s; the persistent buffers of the state dict are weights too
+(the sigmoid router's float32 ``expert_bias``). This module holds the generic machinery: the generic
+config fields, the packing, loading and export, and megatron-core's local spec made to build
+multi-head latent attention without TransformerEngine (``_mla_local_core_attention``,
+``without_transformer_engine``).
 
 Loading reads only what this rank holds, straight from the safetensors files (the index's weight
 map, or every ``*.safetensors``): the experts of its expert-parallel rank, the layers of its
@@ -17,7 +21,9 @@ pipeline stage, and of a tensor-parallel parameter only its slice of each Huggin
 rank's slice of a packed parameter is the pack of the same slice of each source (GLU ``[gate; up]``
 is ``[gate slice; up slice]``, q/k/v keep whole query groups), which is how megatron-core shards
 them. ``model.hf_bytes_read`` tells how much a rank read. Names are checked before any data is
-read: every checkpoint tensor must be mapped, every parameter set.
+read: every checkpoint tensor must be mapped, every parameter set (a checkpoint's multi-token-prediction
+layers, ``num_nextn_predict_layers`` past ``num_hidden_layers``, which transformers ignores, are refused
+as such).
 
 Export is the inverse and streams: ``iter_hf_buckets`` walks the rules in order; each parameter's
 slices (tensor- or expert-tensor-parallel ranks, the owning expert-parallel rank, the owning
@@ -30,36 +36,22 @@ weight broadcast to SGLang); ``export_hf`` gives every rank the whole model (tes
 
 from __future__ import annotations
 
+import functools
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from routing_replay.capture.layout import moe_layer_ids
-from routing_replay.megatron import cpu_workarounds
+from routing_replay.megatron import without_transformer_engine
 from routing_replay.megatron.parallel import ParallelConfig
+from routing_replay.models import UnsupportedModel, family_of
+from routing_replay.models.base import rope_parameters
 
 Tensors = list[torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Family:
-    moe_prefix: str
-    expert_names: tuple[str, str, str]  # gate, up, down
-    qk_norm: bool
-    qkv_bias: bool
-    shared_expert: bool
-
-
-FAMILIES = {
-    "qwen3_moe": Family("mlp.", ("gate_proj", "up_proj", "down_proj"), qk_norm=True, qkv_bias=False, shared_expert=False),
-    "qwen2_moe": Family("mlp.", ("gate_proj", "up_proj", "down_proj"), qk_norm=False, qkv_bias=True, shared_expert=True),
-    "mixtral": Family("block_sparse_moe.", ("w1", "w3", "w2"), qk_norm=False, qkv_bias=False, shared_expert=False),
-}
 
 
 @dataclass(frozen=True)
@@ -99,61 +91,23 @@ def _qkv_rules(mcore: str, hf: tuple[str, str, str], heads: int, groups: int, he
     return Rule(mcore, hf, pack, unpack)
 
 
-def family_of(hf_config) -> Family:
-    family = FAMILIES.get(hf_config.model_type)
-    if family is None:
-        raise ValueError(f"unsupported model type {hf_config.model_type!r}; supported: {sorted(FAMILIES)}")
-    return family
-
-
 def rules(hf_config) -> list[Rule]:
-    """Every weight of the model, as Megatron name <- Hugging Face name(s)."""
-    family = family_of(hf_config)
+    """Every weight of the model, as Megatron name <- Hugging Face name(s): the family's ``Weight``s
+    (``routing_replay.models``) with their packing made concrete."""
+    weights = family_of(hf_config).weights(hf_config)
     heads, groups = hf_config.num_attention_heads, hf_config.num_key_value_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
-    moe_layers = set(moe_layer_ids(hf_config))
-    out = [Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), vocab=True),
-           Rule("decoder.final_layernorm.weight", ("model.norm.weight",)),
-           Rule("output_layer.weight", ("lm_head.weight",), vocab=True)]
-    gate, up, down = family.expert_names
-    for i in range(hf_config.num_hidden_layers):
-        hf, mc = f"model.layers.{i}.", f"decoder.layers.{i}."
-        attn = tuple(f"{hf}self_attn.{p}_proj" for p in "qkv")
-        out += [_qkv_rules(f"{mc}self_attention.linear_qkv.weight", tuple(f"{a}.weight" for a in attn), heads, groups, head_dim),
-                Rule(f"{mc}self_attention.linear_proj.weight", (f"{hf}self_attn.o_proj.weight",)),
-                Rule(f"{mc}input_layernorm.weight", (f"{hf}input_layernorm.weight",)),
-                Rule(f"{mc}pre_mlp_layernorm.weight", (f"{hf}post_attention_layernorm.weight",))]
-        if family.qkv_bias:
-            out.append(_qkv_rules(f"{mc}self_attention.linear_qkv.bias", tuple(f"{a}.bias" for a in attn), heads, groups, head_dim))
-        if family.qk_norm:
-            out += [Rule(f"{mc}self_attention.q_layernorm.weight", (f"{hf}self_attn.q_norm.weight",)),
-                    Rule(f"{mc}self_attention.k_layernorm.weight", (f"{hf}self_attn.k_norm.weight",))]
-        if i not in moe_layers:
-            out += _mlp_rules(f"{mc}mlp.", f"{hf}mlp.", ("gate_proj", "up_proj", "down_proj"))
-            continue
-        moe = f"{hf}{family.moe_prefix}"
-        out.append(Rule(f"{mc}mlp.router.weight", (f"{moe}gate.weight",)))
-        for e in range(_num_experts(hf_config)):
-            out += _mlp_rules(f"{mc}mlp.experts.local_experts.{e}.", f"{moe}experts.{e}.", (gate, up, down))
-        if family.shared_expert:
-            out += _mlp_rules(f"{mc}mlp.shared_experts.", f"{moe}shared_expert.", ("gate_proj", "up_proj", "down_proj"))
-            out.append(Rule(f"{mc}mlp.shared_experts.gate_weight", (f"{moe}shared_expert_gate.weight",)))
+    out = []
+    for weight in weights:
+        if weight.pack == "copy":
+            out.append(Rule(weight.mcore, weight.hf, vocab=weight.vocab))
+        elif weight.pack == "concat_rows":
+            out.append(Rule(weight.mcore, weight.hf, _concat_rows, _split_rows(len(weight.hf)), vocab=weight.vocab))
+        elif weight.pack == "qkv":
+            out.append(_qkv_rules(weight.mcore, weight.hf, heads, groups, head_dim))
+        else:
+            raise ValueError(f"{weight.mcore}: unknown packing {weight.pack!r}")
     return out
-
-
-def _mlp_rules(mcore_prefix: str, hf_prefix: str, names: Sequence[str]) -> list[Rule]:
-    gate, up, down = (f"{hf_prefix}{n}.weight" for n in names)
-    return [Rule(f"{mcore_prefix}linear_fc1.weight", (gate, up), _concat_rows, _split_rows(2)),
-            Rule(f"{mcore_prefix}linear_fc2.weight", (down,))]
-
-
-def _num_experts(hf_config) -> int:
-    return int(getattr(hf_config, "num_experts", None) or hf_config.num_local_experts)
-
-
-def _rope_base(hf_config) -> float:
-    params = getattr(hf_config, "rope_parameters", None) or {}
-    return float(params.get("rope_theta") or getattr(hf_config, "rope_theta", 10000.0))
 
 
 def transformer_config(hf_config, parallel: ParallelConfig = ParallelConfig(), *, routing_replay: bool = True,
@@ -164,25 +118,18 @@ def transformer_config(hf_config, parallel: ParallelConfig = ParallelConfig(), *
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     family = family_of(hf_config)
-    moe_layers = set(moe_layer_ids(hf_config))
-    layers = hf_config.num_hidden_layers
-    shared = getattr(hf_config, "shared_expert_intermediate_size", None) if family.shared_expert else None
     fields = dict(
-        num_layers=layers, hidden_size=hf_config.hidden_size, num_attention_heads=hf_config.num_attention_heads,
+        num_layers=hf_config.num_hidden_layers, hidden_size=hf_config.hidden_size,
+        num_attention_heads=hf_config.num_attention_heads,
         num_query_groups=hf_config.num_key_value_heads,
         kv_channels=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads,
-        ffn_hidden_size=hf_config.intermediate_size, num_moe_experts=_num_experts(hf_config),
+        ffn_hidden_size=hf_config.intermediate_size, num_moe_experts=family.num_experts(hf_config),
         moe_router_topk=hf_config.num_experts_per_tok,
-        moe_ffn_hidden_size=getattr(hf_config, "moe_intermediate_size", None) or hf_config.intermediate_size,
-        moe_layer_freq=[1 if i in moe_layers else 0 for i in range(layers)],
-        # Renormalised top-k (Qwen3, Mixtral) == softmax over the top-k logits; Qwen2 keeps softmax(all)[top-k].
-        moe_router_pre_softmax=not getattr(hf_config, "norm_topk_prob", True),
-        moe_shared_expert_intermediate_size=shared, moe_shared_expert_gate=shared is not None,
+        moe_ffn_hidden_size=family.expert_intermediate_size(hf_config),
         moe_aux_loss_coeff=aux_loss_coeff, moe_token_dispatcher_type=dispatcher, moe_grouped_gemm=False,
         moe_enable_routing_replay=routing_replay,
         gated_linear_unit=True, activation_func=F.silu, normalization="RMSNorm",
-        layernorm_epsilon=hf_config.rms_norm_eps, qk_layernorm=family.qk_norm, add_bias_linear=False,
-        add_qkv_bias=family.qkv_bias, tensor_model_parallel_size=parallel.tensor,
+        layernorm_epsilon=hf_config.rms_norm_eps, add_bias_linear=False, tensor_model_parallel_size=parallel.tensor,
         expert_model_parallel_size=parallel.expert, pipeline_model_parallel_size=parallel.pipeline,
         context_parallel_size=parallel.context,
         sequence_parallel=parallel.sequence_parallel, use_cpu_initialization=True, params_dtype=dtype,
@@ -190,7 +137,14 @@ def transformer_config(hf_config, parallel: ParallelConfig = ParallelConfig(), *
         persist_layer_norm=False, bias_dropout_fusion=False, apply_rope_fusion=False,
         attention_dropout=0.0, hidden_dropout=0.0,
     )
-    return TransformerConfig(**{**fields, **overrides})
+    # The family's own (router score function and pre-softmax, shared expert, qk norm, qkv bias, dense
+    # layers, ...) refine the generic fields; the caller's overrides come last.
+    fields = {**fields, **family.megatron_config(hf_config), **overrides}
+    if fields.get("multi_latent_attention"):
+        from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+        return MLATransformerConfig(**fields)
+    return TransformerConfig(**fields)
 
 
 def build_model(path: str | Path, parallel: ParallelConfig = ParallelConfig(), *, load_weights: bool = True,
@@ -206,7 +160,6 @@ def build_model(path: str | Path, parallel: ParallelConfig = ParallelConfig(), *
     from megatron.core.models.gpt.gpt_model import GPTModel
     from transformers import AutoConfig
 
-    cpu_workarounds.apply()
     from megatron.core import parallel_state as ps
 
     hf_config = AutoConfig.from_pretrained(path)
@@ -217,17 +170,43 @@ def build_model(path: str | Path, parallel: ParallelConfig = ParallelConfig(), *
     # The local spec everywhere for now: TransformerEngine's fuses norms into linear layers under
     # other parameter names, which the rules do not map yet (and no GPU stack was at hand to test).
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm", pp_rank=pp_rank)
+    if config.multi_latent_attention:
+        without_transformer_engine.multi_latent_attention_knows_te_is_absent()
+        for layer in spec.layer_specs:
+            layer.submodules.self_attention.submodules.core_attention = _mla_local_core_attention()
     padded_vocab = -(-hf_config.vocab_size // parallel.tensor) * parallel.tensor
-    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=padded_vocab,
-                     max_sequence_length=hf_config.max_position_embeddings, position_embedding_type="rope",
-                     rotary_base=_rope_base(hf_config),
-                     share_embeddings_and_output_weights=bool(getattr(hf_config, "tie_word_embeddings", False)),
+    model_args = dict(vocab_size=padded_vocab, max_sequence_length=hf_config.max_position_embeddings,
+                      position_embedding_type="rope", rotary_base=rope_parameters(hf_config)["rope_theta"],
+                      share_embeddings_and_output_weights=bool(getattr(hf_config, "tie_word_embeddings", False)),
+                      **family_of(hf_config).gpt_model_args(hf_config))  # the family's additions
+    model = GPTModel(config=config, transformer_layer_spec=spec, **model_args,
                      # Full logits on every tensor-parallel rank; a vocab-parallel log-softmax would save memory.
                      parallel_output=False, pre_process=ps.is_pipeline_first_stage(),
                      post_process=ps.is_pipeline_last_stage())
     model.vocab_size = hf_config.vocab_size
     model.hf_bytes_read = _load(model, hf_config, _SafetensorsFiles(Path(path))) if load_weights else 0
     return model
+
+
+@functools.cache
+def _mla_local_core_attention() -> type:
+    """megatron-core's local ``DotProductAttention`` as multi-head latent attention builds it.
+
+    ``MLASelfAttention`` passes ``k_channels`` (q/k head size) and ``v_channels`` (value head size),
+    which only TransformerEngine's attention accepts. The local one already computes q/k heads of
+    another size than the value heads (it reshapes by -1); only its output is sized as
+    ``kv_channels`` per head, which the family sets to ``v_head_dim``: this checks that and drops
+    the two arguments."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class MLALocalCoreAttention(DotProductAttention):
+        def __init__(self, config, *args, k_channels: int | None = None, v_channels: int | None = None, **kwargs):
+            if v_channels is not None and v_channels != config.kv_channels:
+                raise ValueError(f"the local attention gives kv_channels={config.kv_channels} channels per head, "
+                                 f"not the {v_channels} of the value heads: set kv_channels to v_head_dim")
+            super().__init__(config, *args, **kwargs)
+
+    return MLALocalCoreAttention
 
 
 # ---- reading Hugging Face tensors -------------------------------------------------------------------
@@ -335,7 +314,8 @@ def _load(model, hf_config, weights: _HFWeights) -> int:
     """Sets every parameter from the slices of its sources this rank holds; returns the bytes read.
     Names are checked first (every checkpoint tensor mapped, every rule's sources present)."""
     weight_rules = rules(hf_config)
-    _check_names(weight_rules, weights.names())
+    layers, mtp = int(hf_config.num_hidden_layers), int(getattr(hf_config, "num_nextn_predict_layers", None) or 0)
+    _check_names(weight_rules, weights.names(), mtp_layers=range(layers, layers + mtp))
     by_mcore = {rule.mcore: rule for rule in weight_rules}
     place = _Place.of(model)
     for local, param in _parameters(model).items():
@@ -358,7 +338,13 @@ def _load(model, hf_config, weights: _HFWeights) -> int:
     return weights.bytes_read
 
 
-def _check_names(weight_rules: list[Rule], names: Collection[str]) -> None:
+def _check_names(weight_rules: list[Rule], names: Collection[str], mtp_layers: range) -> None:
+    present = sorted({layer for name in names if (layer := _number_after(name, "model.layers.")) in mtp_layers})
+    if present:
+        raise UnsupportedModel(
+            f"checkpoint has multi-token-prediction layers {present} (num_nextn_predict_layers={len(mtp_layers)}, "
+            f"past num_hidden_layers={mtp_layers.start}), which transformers ignores and the Megatron side does "
+            "not build: remove them from the checkpoint")
     for rule in weight_rules:
         missing = [n for n in rule.hf if n not in names]
         if missing:

@@ -18,34 +18,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 
-from routing_replay.megatron import cpu_workarounds, torch_adam_fixes
+from routing_replay.megatron.settings import OptimizerSettings
 
-Decay = Literal["constant", "linear", "cosine"]
 _DISTRIBUTED_OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
-
-
-@dataclass(frozen=True)
-class OptimizerSettings:
-    learning_rate: float
-    min_learning_rate: float = 0.0
-    warmup_steps: int = 0
-    """Optimizer steps of linear warm-up from 0 to ``learning_rate``."""
-    decay: Decay = "constant"
-    """After warm-up, from ``learning_rate`` to ``min_learning_rate`` over ``total_steps``."""
-    total_steps: int = 1
-    """Optimizer steps of the whole run (the decay's length)."""
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0
-    """Clip to this global gradient norm (0: no clipping)."""
-    distributed: bool = False
-    """Shard fp32 main params and Adam moments over the data-parallel ranks."""
 
 
 @dataclass(frozen=True)
@@ -64,8 +42,6 @@ class Learner:
     def __init__(self, model: torch.nn.Module, settings: OptimizerSettings) -> None:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-        cpu_workarounds.apply()
-        torch_adam_fixes.apply()
         self.bf16 = next(model.parameters()).dtype == torch.bfloat16
         if self.bf16:  # norms are built in fp32 otherwise; the engines serve them in bf16 too
             model.to(torch.bfloat16)

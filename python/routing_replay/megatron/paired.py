@@ -33,7 +33,9 @@ def same_sets(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def routing_flips(own: Sequence[torch.Tensor], rollout: Sequence[torch.Tensor], masks: Sequence[torch.Tensor],
                   batch_size: int) -> RoutingFlips:
     """``own[l]``, ``rollout[l]`` ``[S * B, K]`` and ``masks[l]`` ``[S * B]`` (True where the rollout
-    recorded a row) per router, for a batch of one sequence per row."""
+    recorded a row) per router, for a batch of one sequence per row. ``rollout`` may be in any
+    integer dtype (``RouterIndices.indices``: the compact uint8 / int16 views) and on any device: the
+    comparison runs where ``own`` is."""
     flipped, compared, any_layer = [], [], None
     for own_l, rollout_l, mask_l in zip(own, rollout, masks, strict=True):
         differs = ~same_sets(own_l, rollout_l.to(own_l.device)) & mask_l.to(own_l.device)

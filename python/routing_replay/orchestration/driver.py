@@ -19,13 +19,12 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
 from routing_replay import config as job_config
-from routing_replay.megatron.learner import OptimizerSettings
 from routing_replay.orchestration.cluster import connect, output_dir_problem  # first: configures Ray before its import
 from routing_replay.orchestration import checkpoints as ckpt
 from routing_replay.orchestration.engines import (
@@ -37,10 +36,9 @@ from routing_replay.orchestration.engines import (
 )
 from routing_replay.orchestration.placement import Layout, Placement
 from routing_replay.orchestration.rewards import RewardWorker, score_all
-from routing_replay.orchestration.trainer import ReplayCoverageError, TrainerRank, TrainerSpec
+from routing_replay.orchestration.trainer import ReplayCoverageError, StaleRoutingError, TrainerRank, TrainerSpec
+from routing_replay.orchestration.trainer_settings import TrainerSettings
 from routing_replay.rl.advantages import group_normalized
-from routing_replay.rl.corrections import Correction
-from routing_replay.rl.objective import Clip
 from routing_replay.rl.rollout_batch import Sample, split
 from routing_replay.rl.step_stats import merged, paired_ratios
 from routing_replay.wire.worker import BackgroundThreadDied
@@ -139,7 +137,8 @@ class Job:
         samples = [Sample(r.key, prompt_ids[i // G], r.response_ids, r.logprobs, float(rewards[i]), float(advantages[i]))
                    for i, r in enumerate(results)]
         shares = [[samples[order[p]] for p in positions] for positions in split(n, ranks)]
-        old = merged(self._on_trainers([t.old_logprobs.remote(s) for t, s in zip(self.trainers, shares)]))
+        old = merged(self._on_trainers([t.old_logprobs.remote(s, self.version)  # refuses routing of other weights
+                                        for t, s in zip(self.trainers, shares)]))
         update = merged(self._on_trainers([t.update.remote(s) for t, s in zip(self.trainers, shares)]))
         trained = {**old.flat(), **update.flat()}
         trained.update(paired_ratios(trained))
@@ -170,7 +169,7 @@ class Job:
             rank = pending.pop(ready[0])
             try:
                 results[rank] = self._ray.get(ready[0])
-            except (BackgroundThreadDied, ReplayCoverageError) as exc:  # a RayTaskError that is also one
+            except (BackgroundThreadDied, ReplayCoverageError, StaleRoutingError) as exc:  # a RayTaskError that is one
                 raise JobError(f"trainer rank {rank} cannot continue: {remote_cause(exc)}") from exc
         return results
 
@@ -238,17 +237,8 @@ class Job:
                          for r in range(world)]
         address, port = ray.get(self.trainers[0].endpoint.remote())
         bind = "tcp://127.0.0.1:*" if address == "127.0.0.1" else f"tcp://{address}:*"
-        specs = [TrainerSpec(rank=r, world_size=world, master_port=port, model_path=self.model_path,
-                             data_parallel=cfg.train.parallel.data, expert_parallel=cfg.train.parallel.expert,
-                             replay=cfg.train.replay, optimizer=optimizer_settings(cfg),
-                             mini_batches=cfg.train.mini_batches, micro_batch_size=cfg.train.micro_batch_size,
-                             clip=Clip(cfg.train.clip_low, cfg.train.clip_high),
-                             correction=Correction(**cfg.train.correction.model_dump()),
-                             recompute=cfg.train.recompute, recompute_layers=cfg.train.recompute_layers,
-                             temperature=cfg.rollout.temperature, train_dtype=cfg.model.train_dtype, seed=cfg.run.seed,
-                             routing_bind=bind, paired_diagnostics=cfg.train.paired_diagnostics,
-                             min_replay_coverage=cfg.train.min_replay_coverage)
-                 for r in range(world)]
+        specs = [trainer_spec(cfg, rank=r, world_size=world, master_port=port, model_path=self.model_path,
+                              routing_bind=bind) for r in range(world)]
         resume = str(resume_dir) if resume_dir else None
         self.routing_sinks = ray.get([t.setup.remote(s, address, resume) for t, s in zip(self.trainers, specs)])
         engine_specs = [EngineSpec(i, self.weights, str(self.run_dir / "logs"), tuple(cfg.rollout.sglang_args),
@@ -435,13 +425,14 @@ def split_count(total: int, chunk: int) -> list[int]:
     return [min(chunk, total - start) for start in range(0, total, chunk)]
 
 
-def optimizer_settings(cfg: job_config.JobConfig) -> OptimizerSettings:
-    """The trainer's optimizer and schedule; the schedule counts optimizer steps (one per mini-batch)."""
-    t = cfg.train
-    return OptimizerSettings(
-        learning_rate=t.learning_rate, min_learning_rate=t.min_learning_rate, warmup_steps=t.lr_warmup_steps,
-        decay=t.lr_decay, total_steps=t.steps * t.mini_batches, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1,
-        adam_beta2=t.adam_beta2, adam_eps=t.adam_eps, grad_clip=t.grad_clip, distributed=t.distributed_optimizer)
+def trainer_spec(cfg: job_config.JobConfig, *, rank: int, world_size: int, master_port: int, model_path: str,
+                 routing_bind: str) -> TrainerSpec:
+    """A trainer rank's spec: the job's ``train`` section as it is (its ``TrainerSettings``), the
+    other sections' values the rank needs, and the rank's place in the job."""
+    settings = {field.name: getattr(cfg.train, field.name) for field in fields(TrainerSettings)}
+    return TrainerSpec(**settings, rank=rank, world_size=world_size, master_port=master_port, model_path=model_path,
+                       routing_bind=routing_bind, temperature=cfg.rollout.temperature,
+                       train_dtype=cfg.model.train_dtype, seed=cfg.run.seed)
 
 
 def _records_routing(cfg: job_config.JobConfig) -> bool:

@@ -333,16 +333,17 @@ def response_logprobs(engine: int, key: str, response: dict) -> tuple[float, ...
 def check_routing_delivered(engine: int, key: str, response: dict) -> int:
     """Raises EngineRoutingFailed unless the ``/generate`` response of a request that asked for
     routing says it was sent; returns (and logs) the (token, layer) positions it lacks."""
-    from routing_replay.sglang.client import RoutingNotReturned, routing_descriptor
+    from routing_replay.sglang.client import RoutingNotReturned, routing_descriptor, routing_record
 
     try:
-        descriptor = routing_descriptor(response)
+        record = routing_record(routing_descriptor(response))
     except RoutingNotReturned as exc:
         raise EngineRoutingFailed(f"engine {engine}, request {key!r}: {exc}") from None
-    missing = int(descriptor.get("missing") or 0)
-    if missing:
-        log.warning("engine %d: the routing of %r lacks %d (token, layer) position(s)", engine, key, missing)
-    return missing
+    if record.key != key:
+        raise EngineRoutingFailed(f"engine {engine}, request {key!r}: the routing was recorded as {record.key!r}")
+    if record.missing:
+        log.warning("engine %d: the routing of %r lacks %d (token, layer) position(s)", engine, key, record.missing)
+    return record.missing
 
 
 def remote_cause(exc: BaseException) -> BaseException:

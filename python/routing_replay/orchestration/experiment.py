@@ -15,17 +15,15 @@ import csv
 import logging
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from routing_replay import config as job_config
+from routing_replay.orchestration.trainer_settings import ReplayMode
 
 log = logging.getLogger(__name__)
-
-ReplayMode = Literal["none", "R2", "R3"]
 
 
 class Grid(BaseModel):
@@ -84,8 +82,7 @@ def cell_config(base: job_config.JobConfig, cell: Cell, warm: Path, steps: int, 
     """The base job from the seed's warm weights, with the cell's replay mode and mini-batches."""
     return base.model_copy(update={
         "model": base.model.model_copy(update={"path": str(warm), "tiny": None, "architecture": None}),
-        "train": base.train.model_copy(update={"replay": cell.replay, "mini_batches": cell.mini_batches,
-                                               "steps": steps}),
+        "train": replace(base.train, replay=cell.replay, mini_batches=cell.mini_batches, steps=steps),
         "task": base.task.model_copy(update={"sft_warmup_steps": 0}),
         "run": base.run.model_copy(update={"seed": cell.seed, "output_dir": str(out), "checkpoint_every": 0}),
     })
@@ -136,8 +133,7 @@ def warm_start(base: job_config.JobConfig, seed: int, out: Path) -> Path:
     weights = out / "weights"
     if (weights / "config.json").exists():
         return weights
-    cfg = base.model_copy(update={
-        "train": base.train.model_copy(update={"steps": 0}),
+    cfg = base.model_copy(update={  # train.steps does not matter: the job runs no RL step (no Job.run)
         "run": base.run.model_copy(update={"seed": seed, "output_dir": str(out / "run"), "checkpoint_every": 0}),
     })
     with Job(cfg, Options(fresh=True, progress=False)) as job:

@@ -6,7 +6,8 @@ leaders: ``config.validate_job`` refuses tensor, pipeline and context parallelis
 routing collector runs as a thread inside the rank, so SGLang sends each sample's routing
 straight to the rank that trains on it.
 
-Per step: ``old_logprobs`` (pi_old; R3 replays the rollout routing, R2 records the trainer's own),
+Per step: ``old_logprobs`` (pi_old; R3 replays the rollout routing, R2 records the trainer's own;
+routing recorded under another weight version than the step's is refused: ``StaleRoutingError``),
 then ``update`` over N mini-batches of the seed's token-level objective, each in micro-batches with
 the loss normalised by the mini-batch's token count over all data-parallel ranks. The optimisation
 itself (megatron-core DDP, optimizer, schedule, checkpoints) is ``megatron.learner.Learner``; each
@@ -16,50 +17,42 @@ rank places its model on its own GPU where there is one (Ray gives the actor one
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
-from routing_replay.megatron.learner import OptimizerSettings
 from routing_replay.megatron.paired import routing_flips, same_sets
-from routing_replay.rl.corrections import Correction
+from routing_replay.orchestration.trainer_settings import TrainerSettings
 from routing_replay.rl.metrics import MiniBatchStats
 from routing_replay.rl.minibatch import loss_and_metrics
-from routing_replay.rl.objective import Clip
 from routing_replay.rl.rollout_batch import Sample, response_tensors, split
 from routing_replay.rl.step_stats import StepStats
+from routing_replay.settings import SETTINGS
+
+if TYPE_CHECKING:
+    from routing_replay.wire import RoutingSample
 
 
-@dataclass(frozen=True)
-class TrainerSpec:
+@pydantic_dataclass(frozen=True, config=SETTINGS, kw_only=True)
+class TrainerSpec(TrainerSettings):
+    """One rank's settings: the job's ``train`` section as it is (``TrainerSettings``: parallel sizes,
+    optimizer, clipping, correction, replay, ...) and the values of other sections the rank needs."""
+
     rank: int
     world_size: int
     master_port: int
     model_path: str
-    data_parallel: int = 1
-    expert_parallel: int = 1
-    replay: str = "R3"
-    """none | R2 | R3"""
-    optimizer: OptimizerSettings = OptimizerSettings(learning_rate=1e-5)
-    mini_batches: int = 1
-    micro_batch_size: int = 4
-    clip: Clip = Clip()
-    correction: Correction = Correction()
-    temperature: float = 1.0
-    train_dtype: str = "float32"
-    recompute: str = "none"
-    """Activation recompute: none | selective (core attention) | full (whole layers)."""
-    recompute_layers: int = 1
-    """With full recompute: layers per recomputed chunk."""
-    seed: int = 0
+    temperature: float
+    """rollout.temperature: pi_old and pi_theta are scored at the rollout's temperature."""
+    train_dtype: str
+    """model.train_dtype (bfloat16 | float32)."""
+    seed: int
+    """run.seed."""
     routing_timeout: float = 120.0
-    paired_diagnostics: bool = True
-    """Score pi_old under both the trainer's own and the rollout's routing, in every replay mode."""
-    min_replay_coverage: float = 1.0
-    """R3 refuses a micro-batch whose rollout routing covers less of its loss positions."""
     routing_bind: str = "tcp://127.0.0.1:*"
     """The collector's endpoint: loopback, or this node's address when engines run on other hosts."""
 
@@ -86,7 +79,7 @@ class TrainerRank:
 
         from routing_replay.megatron.hf_checkpoint import build_model
         from routing_replay.megatron.learner import Learner, recompute_overrides
-        from routing_replay.megatron.parallel import ParallelConfig, initialize, on_local_device
+        from routing_replay.megatron.parallel import initialize, on_local_device
         from routing_replay.megatron.replay import ModelReplay, RecordedRouting
         from routing_replay.wire import CollectorConfig, RoutingCollector
 
@@ -95,17 +88,16 @@ class TrainerRank:
         warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*not installed")
         warnings.filterwarnings("ignore", message=r"full scope is deprecated")
         os.environ["MASTER_ADDR"] = master_addr
-        parallel = ParallelConfig(expert=spec.expert_parallel)
-        initialize(parallel, rank=spec.rank, world_size=spec.world_size, master_port=spec.master_port, seed=spec.seed)
+        initialize(spec.parallel, rank=spec.rank, world_size=spec.world_size, master_port=spec.master_port, seed=spec.seed)
         self.hf_config = AutoConfig.from_pretrained(spec.model_path)
-        self.model = on_local_device(build_model(spec.model_path, parallel, dtype=getattr(torch, spec.train_dtype),
+        self.model = on_local_device(build_model(spec.model_path, spec.parallel, dtype=getattr(torch, spec.train_dtype),
                                                  **recompute_overrides(spec.recompute, spec.recompute_layers)))
         self.device = next(self.model.parameters()).device
         self.replay = ModelReplay(self.model)
-        self.recorded = RecordedRouting()
+        self.recorded = RecordedRouting(self.replay.num_experts)
         self.learner = Learner(self.model, spec.optimizer)
         self.collector = RoutingCollector(CollectorConfig(bind=spec.routing_bind))
-        self._routing: dict[str, object] = {}
+        self._routing: dict[str, RoutingSample] = {}
         self._old: dict[str, torch.Tensor] = {}
         if resume_from is not None:
             self.load_checkpoint(resume_from)
@@ -150,9 +142,11 @@ class TrainerRank:
 
     # ---- the RL step --------------------------------------------------------------------------------
 
-    def old_logprobs(self, samples: Sequence[Sample]) -> StepStats:
+    def old_logprobs(self, samples: Sequence[Sample], weight_version: str) -> StepStats:
         """pi_old over this rank's samples (kept for the update), in the update's micro-batches (so
         mini-batch 0 starts exactly on-policy); statistics of the mismatch and of the routing.
+        ``weight_version`` is the version the engines sampled these samples with: routing recorded
+        under any other is refused (``StaleRoutingError``).
 
         The objective's pi_old is scored under the rollout's routing (R3) or the trainer's own (R2
         records it for the update, ``none`` for the replay-agreement metric). With
@@ -164,6 +158,7 @@ class TrainerRank:
         if self._wants_rollout_routing():
             self._routing = self.collector.take([s.key for s in samples], timeout=self.spec.routing_timeout,
                                                 token_ids={s.key: s.token_ids for s in samples})
+            _refuse_stale(self._routing, weight_version)
             routing_seconds = time.perf_counter() - started
         self._old.clear()
         self.recorded.clear()
@@ -307,14 +302,13 @@ class TrainerRank:
         keys = [s.key for s in micro]
         own = rollout = None
         if self.spec.replay != "R3" or self.spec.paired_diagnostics:
-            with self.replay.recording() as own_topk:
+            with self.replay.recording() as own_topk:  # int64 on the device, as the routers chose
                 own = score(self.model, batch, self.spec.temperature).to("cpu")
-            own_topk = [indices.cpu() for indices in own_topk]
             self.recorded.add(keys, own_topk, [len(s.token_ids) for s in micro])
         if self._wants_rollout_routing():
-            indices, masks = rollout_indices_from_wire([self._routing[k] for k in keys], batch.tokens.shape[1])
-            self._count_coverage(micro, batch, masks, stats)
-            with self.replay.replaying(indices, masks):
+            routing = rollout_indices_from_wire([self._routing[k] for k in keys], batch.tokens.shape[1], self.device)
+            self._count_coverage(micro, batch, routing.mask, stats)
+            with self.replay.replaying(routing):
                 rollout = score(self.model, batch, self.spec.temperature).to("cpu")
             _add_routing_report(self.replay.report(), stats)
         used = rollout if self.spec.replay == "R3" else own
@@ -324,13 +318,13 @@ class TrainerRank:
         stats.add_share("entropy", float(used.entropy[mask].sum()), int(mask.sum()))
         if own is not None and rollout is not None:
             _add_paired(stats, own.logprobs - mu, rollout.logprobs - mu, mask,
-                        routing_flips(own_topk, indices, masks, len(micro)))
+                        routing_flips(own_topk, routing.indices, routing.masks, len(micro)))
 
-    def _count_coverage(self, micro: Sequence[Sample], batch, masks: Sequence[torch.Tensor],
-                        stats: StepStats) -> None:
-        """Counts the rollout routing's coverage of the positions that reach the loss; R3 refuses a
-        micro-batch below ``min_replay_coverage`` rather than fall back to the trainer's routing."""
-        replayed, needed = _replay_coverage(masks, batch)
+    def _count_coverage(self, micro: Sequence[Sample], batch, replay_mask: torch.Tensor, stats: StepStats) -> None:
+        """Counts the rollout routing's coverage (``replay_mask`` ``[S * B, layers]``, sequence-major,
+        as ``RouterIndices.mask``) of the positions that reach the loss; R3 refuses a micro-batch
+        below ``min_replay_coverage`` rather than fall back to the trainer's routing."""
+        replayed, needed = _replay_coverage(replay_mask, batch)
         stats.add_share("routing/coverage", int((replayed & needed).sum()), int(needed.sum()))
         covered = float((replayed & needed).sum()) / max(int(needed.sum()), 1)
         if self.spec.replay == "R3" and covered < self.spec.min_replay_coverage:
@@ -352,27 +346,27 @@ class TrainerRank:
 
         keys, seq_len = [s.key for s in micro], batch.tokens.shape[1]
         if self.spec.replay == "R3":
-            held, masks = rollout_indices_from_wire([self._routing[k] for k in keys], seq_len)
+            held = rollout_indices_from_wire([self._routing[k] for k in keys], seq_len, self.device)
         else:
-            held, masks = self.recorded.indices_for(keys, seq_len)
+            held = self.recorded.indices_for(keys, seq_len, self.device)
         replaying = self.spec.replay != "none"
-        with self.replay.replaying(held, masks) if replaying else self.replay.recording() as own:
+        with self.replay.replaying(held) if replaying else self.replay.recording() as own:
             scores = score(self.model, batch, self.spec.temperature)
             loss, mini_stats = loss_fn(scores)
             loss.backward()
         if replaying:
             report = self.replay.report()
             return mini_stats, sum(report.agreeing), sum(report.replayed)
-        same = [same_sets(o.cpu(), h)[m] for o, h, m in zip(own, held, masks, strict=True)]
+        same = [same_sets(o, h)[m] for o, h, m in zip(own, held.indices, held.masks, strict=True)]
         return mini_stats, sum(int(x.sum()) for x in same), sum(x.numel() for x in same)
 
     def _global_count(self, count: int) -> int:
-        if self.spec.data_parallel == 1:
+        if self.spec.parallel.data == 1:
             return count
-        from megatron.core import parallel_state as ps
+        from routing_replay.megatron.parallel import data_parallel_group
 
         total = torch.tensor([count], dtype=torch.int64, device=self.device)  # NCCL reduces device tensors
-        dist.all_reduce(total, group=ps.get_data_parallel_group())
+        dist.all_reduce(total, group=data_parallel_group())
         return int(total)
 
     def _global_token_mean(self, total: torch.Tensor, count: int) -> torch.Tensor:
@@ -384,12 +378,32 @@ class ReplayCoverageError(RuntimeError):
     trainer would silently fall back to its own routing there."""
 
 
-def _replay_coverage(masks: Sequence[torch.Tensor], batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(replayed, needed)``, both ``[B, S - 1]``: positions with a rollout row in every layer, and
-    the positions that can reach the loss (real tokens followed by a token of the same sequence:
-    each sequence's last token and padding cannot)."""
+class StaleRoutingError(RuntimeError):
+    """Routing recorded under other weights than the rollout was sampled with (a sample left over
+    from an earlier step, or an engine that missed a weight update): replaying it would hold the
+    update to another policy's routing."""
+
+
+def _refuse_stale(routing: Mapping[str, RoutingSample], weight_version: str) -> None:
+    """Raises ``StaleRoutingError`` naming the samples whose record's weight version is not
+    ``weight_version``."""
+    stale: dict[str, list[str]] = {}
+    for key, sample in routing.items():
+        if sample.record.weight_version != weight_version:
+            stale.setdefault(sample.record.weight_version, []).append(key)
+    if stale:
+        named = "; ".join(f"{len(keys)} recorded under {version!r} ({', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''})"
+                          for version, keys in sorted(stale.items()))
+        raise StaleRoutingError(f"the rollout sampled with weight version {weight_version!r}, but routing of "
+                                f"{sum(map(len, stale.values()))} sample(s) is stale: {named}")
+
+
+def _replay_coverage(replay_mask: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(replayed, needed)``, both ``[B, S - 1]`` on the CPU: positions with a rollout row in every
+    layer, and the positions that can reach the loss (real tokens followed by a token of the same
+    sequence: each sequence's last token and padding cannot)."""
     seq_len, rows = batch.tokens.shape[1], batch.tokens.shape[0]
-    replayed = torch.stack([m.view(seq_len, rows) for m in masks]).all(0).T[:, :-1]
+    replayed = replay_mask.all(1).cpu().view(seq_len, rows).T[:, :-1]  # one bool per token crosses
     needed = batch.valid[:, 1:] & (batch.segments[:, 1:] == batch.segments[:, :-1])
     return replayed, needed
 

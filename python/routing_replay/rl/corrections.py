@@ -10,39 +10,17 @@ level:
   ``geometric`` every token uses exp(mean_t log rho_t)
 
 Weights are constants for the gradient (they correct the sampling distribution, not the policy),
-and finite: their log is capped at ``MAX_LOG_WEIGHT`` (which binds only in mode ``none``).
+and finite: their log is capped at ``MAX_LOG_WEIGHT`` (which binds only in mode ``none``). The
+settings, ``Correction``, live in ``rl.settings`` (torch-free: the job configuration imports them).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-MODES = ("none", "truncate", "mask")
-LEVELS = ("token", "sequence", "geometric")
-
-
-@dataclass(frozen=True)
-class Correction:
-    mode: str = "truncate"
-    """none | truncate | mask"""
-    level: str = "token"
-    """token | sequence | geometric"""
-    upper: float = 2.0
-    """C: the truncation bound, or the upper mask bound."""
-    lower: float = 0.5
-    """The lower mask bound (mask mode only)."""
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"correction.mode must be one of {MODES}, got {self.mode!r}")
-        if self.level not in LEVELS:
-            raise ValueError(f"correction.level must be one of {LEVELS}, got {self.level!r}")
-        if not 0 < self.lower <= 1 <= self.upper:
-            raise ValueError(f"correction bounds need 0 < lower <= 1 <= upper, got {self.lower}, {self.upper}")
-
+from routing_replay.rl.settings import Correction
 
 MAX_LOG_WEIGHT = math.log(torch.finfo(torch.float32).max) / 2
 """Cap on a weight's log (~44.4, a weight of ~1.8e19): half the float32 exponent range, so a weight

@@ -5,7 +5,8 @@
 where s_t = pi_theta(y_t) / pi_old(y_t) is the staleness factor (PPO-clipped), w_t the corrected
 mismatch factor pi_old / mu_old (``corrections.weights``), A the sequence's advantage broadcast to
 its tokens, and N the number of valid tokens in the global batch (token-mean). With no correction
-and no clipping active, w_t * s_t = pi_theta / mu_old: the seed's objective.
+and no clipping active, w_t * s_t = pi_theta / mu_old: the seed's objective. The settings, ``Clip``,
+live in ``rl.settings`` (torch-free: the job configuration imports them).
 """
 
 from __future__ import annotations
@@ -14,11 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True)
-class Clip:
-    low: float = 0.2
-    high: float = 0.28
+from routing_replay.rl.settings import Clip
 
 
 @dataclass(frozen=True)

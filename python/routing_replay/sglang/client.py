@@ -3,6 +3,13 @@
     payload = {"text": prompt, "sampling_params": {"max_new_tokens": 64,
                "custom_params": routing_params(key="prompt7-sample0", sink=collector.address)}}
     descriptor = routing_descriptor(response_json)          # raises if the server did not record
+    record = routing_record(descriptor)                      # its RoutingRecord, as the trainer receives it
+
+A delivered descriptor is the sample's ``RoutingRecord`` (``routing_replay.wire``) as plain
+fields, plus the delivery's: ``delivery`` (queued, inline, none, not-this-rank or failed),
+``sink``, ``error``, ``scheduler_errors``, and ``inline``/``inline_valid`` (base64 rows and mask)
+when asked for inline. A failed one carries only what is known (key, rows, start, num_tokens,
+missing) besides the delivery's fields.
 
 With the OpenAI endpoints, pass ``custom_params=routing_params(...)`` at the top level of the
 request (``extra_body`` with the ``openai`` client); the descriptor is then not part of the OpenAI
@@ -12,12 +19,15 @@ response schema, so use a sink (``/v1/*`` responses carry no ``meta_info``) or `
 from __future__ import annotations
 
 import base64
+import sys
 from typing import Any
 
+import msgspec
 import numpy as np
 import torch
 
 from routing_replay.sglang.options import REQUEST_KEY
+from routing_replay.wire import RoutingRecord, WireFormatError
 
 
 class RoutingNotReturned(RuntimeError):
@@ -48,15 +58,26 @@ def routing_descriptor(response: dict) -> dict:
     return descriptor
 
 
+def routing_record(descriptor: dict) -> RoutingRecord:
+    """The RoutingRecord of a delivered descriptor (its record fields, decoded and validated by
+    msgspec and ``RoutingRecord.validate``); RoutingNotReturned naming the problem otherwise."""
+    fields = {name: descriptor[name] for name in ("type", *RoutingRecord.__struct_fields__) if name in descriptor}
+    try:
+        record = msgspec.convert(fields, RoutingRecord)
+        record.validate(max_payload_bytes=sys.maxsize)
+    except (msgspec.ValidationError, WireFormatError) as exc:
+        raise RoutingNotReturned(f"the routing descriptor holds no valid routing record: {exc}") from None
+    return record
+
+
 def decode_inline(descriptor: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(ids [rows, layers, top_k], valid [rows, layers] or None)`` from an inline descriptor."""
     if "inline" not in descriptor:
         raise RoutingNotReturned("the descriptor has no inline routing: ask with inline=True")
-    layout = descriptor["layout"]
-    shape = (descriptor["rows"], layout["num_layers"], layout["top_k"])
-    ids = np.frombuffer(base64.b64decode(descriptor["inline"]), dtype=np.dtype(layout["dtype"])).reshape(shape)
+    record = routing_record(descriptor)
+    ids = np.frombuffer(base64.b64decode(descriptor["inline"]), dtype=np.dtype(record.dtype)).reshape(record.shape)
     valid = None
     if "inline_valid" in descriptor:
         valid = torch.from_numpy(np.frombuffer(base64.b64decode(descriptor["inline_valid"]), dtype=np.bool_)
-                                 .reshape(shape[:2]).copy())
+                                 .reshape(record.rows, record.layers).copy())
     return torch.from_numpy(ids.copy()), valid

@@ -1,12 +1,14 @@
 """SGLang on a machine without a GPU (each piece applies only when torch sees no CUDA device).
 
-- ``apply()`` (run by the plugin in every SGLang process): SGLang's own
-  ``--enable-return-routed-experts`` allocates its host buffer with CUDA host registration, which
-  fails on CPU; device "cpu" gets a plain allocator. Only SGLang's own capture (which our tests
+- ``apply()``, called once per SGLang process by the plugin's ``register()`` (its only caller):
+  SGLang's own ``--enable-return-routed-experts`` allocates its host buffer with CUDA host
+  registration, which fails on CPU; device "cpu" gets a plain allocator. Only SGLang's own capture (which our tests
   compare against) needs it; our recorder does not.
 - ``apply()`` also gives Qwen2-MoE's shared-expert gate (a Triton kernel SGLang calls on every
   device) a plain-torch version for CPU tensors.
 - ``server_flags()`` / ``server_env()``: the CPU engine's launch flags and environment.
+
+What ``apply()`` replaces is listed in ``routing_replay.integration_surface`` (checked by its test).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 
 
 def apply() -> None:
+    """Nothing where torch sees a GPU."""
     if torch.cuda.is_available():
         return
     from sglang.srt.mem_cache.pool_host import common

@@ -1,7 +1,10 @@
 """The SGLang plugin: ``register()`` is the ``sglang.srt.plugins`` entry point.
 
 SGLang calls it in every one of its processes before it parses arguments or builds a scheduler.
-It registers AROUND hooks (``HookRegistry``); each acts only in the process where its target runs:
+It applies the CPU workarounds there (``cpu_workarounds.apply``, only without a GPU: the one place
+SGLang processes get them) and registers AROUND hooks (``HookRegistry``); nothing else in SGLang
+is replaced. Each hook acts only in the process where its target runs (every target, with the
+signature it relies on, is listed in ``docs/integration-surface.md``):
 
 launcher   ``ServerArgs.add_cli_args`` / ``from_cli_args``: the ``--record-routing`` flags;
            ``engine._wait_for_scheduler_ready``: refuses to serve when recording was asked for but
@@ -9,21 +12,25 @@ launcher   ``ServerArgs.add_cli_args`` / ``from_cli_args``: the ``--record-routi
 tokenizer  ``TokenizerManager._validate_one_request`` (every endpoint) and ``/generate``'s
            ``generate_contract_error`` (before a stream starts): a request asking for routing from
            a server that is not recording, or with malformed parameters, gets HTTP 400.
-scheduler  ``Scheduler.__init__`` builds the recording and wraps the KV allocator's frees;
-           ``Scheduler.get_init_info`` reports it; ``ModelRunner.forward`` scopes each forward;
-           ``capture_routed_experts_if_allowed`` is SGLang's single capture site for every MoE
-           backend (logical expert ids, before the expert-location remap); the result processor's
-           ``_maybe_collect_routed_experts`` runs when a request finishes, before its KV is released;
-           the output streamer attaches the descriptor to ``meta_info["routing_replay"]``; the weight
-           updater's ``flush_cache_after_weight_update`` drops rows of the old weights.
+scheduler  ``Scheduler.__init__`` builds the recording; ``Scheduler.get_init_info`` reports it;
+           ``Scheduler.get_output_streamer_class`` picks an output streamer that attaches the
+           descriptor to ``meta_info["routing_replay"]``; the KV allocators' ``free`` / ``clear``
+           reset the rows of slots the scheduler's allocator frees; ``ModelRunner.forward`` scopes
+           each forward; ``capture_routed_experts_if_allowed`` is SGLang's single capture site for
+           every MoE backend (logical expert ids, before the expert-location remap); the result
+           processor's ``_maybe_collect_routed_experts`` runs when a request finishes, before its
+           KV is released; the weight updater's ``flush_cache_after_weight_update`` drops rows of
+           the old weights.
            None of these lets an exception of ours into the scheduler (``SchedulerRecording.attempt``).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
+from routing_replay.integration_surface import KV_ALLOCATOR_CLEARS, KV_ALLOCATOR_FREES
 from routing_replay.sglang import options as opts
 
 log = logging.getLogger("routing_replay.sglang")
@@ -31,6 +38,9 @@ log = logging.getLogger("routing_replay.sglang")
 META_KEY = opts.REQUEST_KEY
 _TARGETS = "sglang.srt"
 _recording = None  # the SchedulerRecording of this process, when it is a recording scheduler
+_allocator = None  # the scheduler's KV allocator, whose frees reset routing rows
+
+_ALLOCATOR = "mem_cache.allocator"  # the KV allocator classes the surface names live below it
 
 
 def register() -> None:
@@ -39,7 +49,13 @@ def register() -> None:
     from routing_replay.sglang import cpu_workarounds
 
     cpu_workarounds.apply()
-    hooks = {
+    for target, hook in _hooks().items():
+        HookRegistry.register(f"{_TARGETS}.{target}", hook, HookType.AROUND)
+
+
+def _hooks() -> dict[str, Any]:
+    """Each AROUND hook of the plugin by its target, relative to ``sglang.srt``."""
+    return {
         "server_args.ServerArgs.add_cli_args": _add_cli_args,
         "server_args.ServerArgs.from_cli_args": _from_cli_args,
         "entrypoints.engine._wait_for_scheduler_ready": _wait_for_scheduler_ready,
@@ -47,19 +63,16 @@ def register() -> None:
         "entrypoints.api_contract.generate_contract_error": _generate_contract_error,
         "managers.scheduler.Scheduler.__init__": _scheduler_init,
         "managers.scheduler.Scheduler.get_init_info": _scheduler_init_info,
+        "managers.scheduler.Scheduler.get_output_streamer_class": _output_streamer_class,
         "model_executor.model_runner.ModelRunner.forward": _model_forward,
         "layers.moe.topk.capture_routed_experts_if_allowed": _capture,
         "managers.scheduler_components.batch_result_processor.SchedulerBatchResultProcessor"
         "._maybe_collect_routed_experts": _request_finished,
-        "managers.scheduler_components.output_streamer.SchedulerOutputStreamer"
-        ".build_additional_customized_info": _customized_info,
-        "managers.scheduler_components.output_streamer.SchedulerOutputStreamer"
-        ".is_request_level_customized_info_key": _request_level_key,
         "managers.scheduler_components.weight_updater.SchedulerWeightUpdaterManager"
         ".flush_cache_after_weight_update": _weights_updated,
+        **{f"{_ALLOCATOR}.{cls}.free": _allocator_free for cls in KV_ALLOCATOR_FREES},
+        **{f"{_ALLOCATOR}.{cls}.clear": _allocator_clear for cls in KV_ALLOCATOR_CLEARS},
     }
-    for target, hook in hooks.items():
-        HookRegistry.register(f"{_TARGETS}.{target}", hook, HookType.AROUND)
 
 
 # ---- launcher -------------------------------------------------------------------------------------
@@ -141,7 +154,7 @@ def _scheduler_init(original, self, *args, **kwargs):
     options = opts.current()
     if not options.record_routing:
         return
-    global _recording
+    global _recording, _allocator
     from sglang.srt.runtime_context import get_parallel
 
     from routing_replay.sglang.recording import SchedulerRecording
@@ -153,8 +166,7 @@ def _scheduler_init(original, self, *args, **kwargs):
         max_batch=max(self.max_running_requests, getattr(self, "chunked_prefill_size", 0) or 0, 8192),
         device=self.device, sends=get_parallel().attn_tp_rank == 0,  # one sender per data-parallel group
     )
-    _watch_frees(allocator, _recording)
-    enable_customized_output()
+    _allocator = allocator
 
 
 def check_router_layers(model: Any, hf_config: Any) -> None:
@@ -162,7 +174,7 @@ def check_router_layers(model: Any, hf_config: Any) -> None:
     record when SGLang's model routes other layers (e.g. it ignores ``mlp_only_layers``)."""
     from sglang.srt.layers.moe.topk import TopK
 
-    from routing_replay.capture.layout import moe_layer_ids
+    from routing_replay.models import moe_layer_ids
 
     engine = sorted({m.layer_id for m in model.modules() if isinstance(m, TopK) and not getattr(m, "is_draft", False)})
     checkpoint = moe_layer_ids(hf_config)
@@ -173,21 +185,20 @@ def check_router_layers(model: Any, hf_config: Any) -> None:
         )
 
 
-def _watch_frees(allocator: Any, recording: Any) -> None:
-    """Resets routing rows when the allocator really frees slots. Inside a free group SGLang only
-    queues frees; ``free_group_end`` frees them through ``free`` again with the group closed."""
-    free, clear = allocator.free, allocator.clear
+def _allocator_free(original, self, free_index, *args, **kwargs):
+    """Resets routing rows when the scheduler's allocator really frees slots. Inside a free group
+    SGLang only queues frees; ``free_group_end`` frees them through ``free`` again with the group
+    closed. A subclass's ``free`` that calls another hooked ``free`` resets the same rows twice
+    (harmless: a reset row stays reset)."""
+    if _recording is not None and self is _allocator and self.free_group is None:
+        _recording.slots_freed(free_index)
+    return original(self, free_index, *args, **kwargs)
 
-    def free_and_reset(free_index, *args, **kwargs):
-        if allocator.free_group is None:
-            recording.slots_freed(free_index)
-        return free(free_index, *args, **kwargs)
 
-    def clear_and_reset(*args, **kwargs):
-        recording.cache_cleared()
-        return clear(*args, **kwargs)
-
-    allocator.free, allocator.clear = free_and_reset, clear_and_reset
+def _allocator_clear(original, self, *args, **kwargs):
+    if _recording is not None and self is _allocator:
+        _recording.cache_cleared()
+    return original(self, *args, **kwargs)
 
 
 def _scheduler_init_info(original, self, *args, **kwargs):
@@ -195,6 +206,33 @@ def _scheduler_init_info(original, self, *args, **kwargs):
     if _recording is not None:
         info[META_KEY] = _recording.status()
     return info
+
+
+def _output_streamer_class(original, self, *args, **kwargs):
+    """SGLang's streamer class, or (recording) a subclass that opts in to customized output: SGLang
+    calls it while ``Scheduler.__init__`` runs, before the recording exists, so the options decide."""
+    base = original(self, *args, **kwargs)
+    return _recording_streamer(base) if opts.current().record_routing else base
+
+
+@functools.cache
+def _recording_streamer(base: type) -> type:
+    """``base`` with ``has_additional_customized_info`` on (SGLang then calls
+    ``build_additional_customized_info`` on every output batch): each finished request's descriptor
+    is attached once, not sliced per token."""
+
+    class RoutingReplayOutputStreamer(base):
+        __slots__ = ()  # SGLang's streamer is a slots dataclass
+        has_additional_customized_info = True
+
+        def build_additional_customized_info(self, reqs: list) -> dict[str, list]:
+            info = super().build_additional_customized_info(reqs)
+            return info if _recording is None else _recording.with_descriptors(info, reqs)
+
+        def is_request_level_customized_info_key(self, key: str) -> bool:
+            return key == META_KEY or super().is_request_level_customized_info_key(key)
+
+    return RoutingReplayOutputStreamer
 
 
 def _model_forward(original, self, forward_batch, *args, **kwargs):
@@ -221,23 +259,7 @@ def _weight_version() -> str:
     return str(get_serving().weight_version)
 
 
-def _customized_info(original, self, reqs, *args, **kwargs):
-    info = original(self, reqs, *args, **kwargs)
-    return info if _recording is None else _recording.with_descriptors(info, reqs)
-
-
-def _request_level_key(original, self, key, *args, **kwargs):
-    return key == META_KEY or original(self, key, *args, **kwargs)
-
-
 def _weights_updated(original, self, recv_req, success, message, *args, **kwargs):
     if _recording is not None and success:
         _recording.weights_changed()
     return original(self, recv_req, success, message, *args, **kwargs)
-
-
-def enable_customized_output() -> None:
-    """Makes SGLang's output streamer call ``build_additional_customized_info`` (off by default)."""
-    from sglang.srt.managers.scheduler_components.output_streamer import SchedulerOutputStreamer
-
-    SchedulerOutputStreamer.has_additional_customized_info = True

@@ -13,7 +13,9 @@ Rows are keyed by KV slot, so a radix-cached prefix keeps the rows computed when
 prefilled. Slots are reset when SGLang's allocator actually frees them (after a free group
 closes); all rows are dropped when the weights change, so rows of older weights are never
 delivered as current. When a request finishes, its rows ``[start_len, seqlen - 1)`` are gathered
-(the last token has no row) and delivered: queued on the wire to the sink, and/or returned inline.
+(the last token has no row) and delivered: their ``RoutingRecord`` is made once (checksum and
+token hash), queued unchanged on the wire to the sink, and returned as the request's descriptor
+(the record's fields, the delivery's status, and the rows themselves when asked for inline).
 
 All of this runs inside SGLang's scheduler, so none of it may end the scheduler: every step runs
 in ``SchedulerRecording.attempt``, which counts and logs an exception instead of raising it. A
@@ -37,12 +39,13 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import msgspec
 import torch
 
 from routing_replay.capture import RoutingLayout, RoutingRecorder, RoutingRows
 from routing_replay.capture.layout import moe_layer_ids
 from routing_replay.sglang.options import REQUEST_KEY, RecordingOptions, RoutingRequest
-from routing_replay.wire import RoutingMeta, RoutingSender, SenderConfig, SenderFull, token_hash
+from routing_replay.wire import RoutingRecord, RoutingSender, SenderConfig, SenderFull
 from routing_replay.wire import format as wire_format
 from routing_replay.wire.worker import log_rate_limited
 
@@ -363,43 +366,35 @@ class SchedulerRecording:
         return descriptor
 
     def _deliver(self, params: RoutingRequest, span: _Span, rows: RoutingRows, weight_version: str) -> dict:
-        ids = rows.ids
-        missing = int((~rows.valid).sum())
-        mask = None if missing == 0 else rows.valid
-        payload = [memoryview(ids.numpy()).cast("B")]
-        if mask is not None:
-            payload.append(memoryview(mask.numpy()).cast("B"))
-        descriptor = {
-            "key": span.key, "rows": ids.shape[0], "start": span.start, "num_tokens": len(span.tokens),
-            "layout": {"num_layers": self.layout.num_layers, "top_k": self.layout.top_k,
-                       "num_experts": self.layout.num_experts, "dtype": wire_format.storage_dtype_name(self.layout.num_experts)},
-            "bytes": ids.nbytes, "checksum": wire_format.checksum(*payload), "token_hash": token_hash(span.tokens),
-            "weight_version": weight_version, "missing": missing, "scheduler_errors": self.failures.total,
-        }
-        if missing:
-            log.warning("routing-replay: %s has %d unrecorded (row, layer) positions", span.key, missing)
+        """Makes the request's RoutingRecord (the one checksum and token hash of this sample) and
+        hands it on: to the sender unchanged, and as the descriptor (its fields plus the delivery's)."""
+        record = RoutingRecord.of(span.key, rows.ids, rows.valid, num_experts=self.layout.num_experts,
+                                  num_tokens=len(span.tokens), token_hash=wire_format.token_hash(span.tokens),
+                                  start=span.start, weight_version=weight_version)
+        mask = rows.valid if record.mask_bytes else None
+        if record.missing:
+            log.warning("routing-replay: %s has %d unrecorded (row, layer) positions", span.key, record.missing)
+        descriptor = msgspec.to_builtins(record)
+        descriptor["scheduler_errors"] = self.failures.total
         if params.inline:
-            descriptor["inline"] = base64.b64encode(payload[0]).decode()
+            descriptor["inline"] = base64.b64encode(rows.ids.numpy()).decode()
             if mask is not None:
-                descriptor["inline_valid"] = base64.b64encode(payload[1]).decode()
+                descriptor["inline_valid"] = base64.b64encode(mask.numpy()).decode()
         sink = params.sink or self.options.routing_sink
-        descriptor.update(self._send(span, ids, mask, weight_version, sink) if sink else
+        descriptor.update(self._send(record, rows.ids, mask, sink) if sink else
                           {"delivery": "inline" if params.inline else "none"})
         return descriptor
 
-    def _send(self, span: _Span, ids: torch.Tensor, mask: torch.Tensor | None, weight_version: str,
-              sink: str) -> dict:
-        """Hands the rows to the sender. Its other exceptions (a dead sender thread, bad input) fail
-        the whole delivery in ``request_finished``."""
+    def _send(self, record: RoutingRecord, ids: torch.Tensor, mask: torch.Tensor | None, sink: str) -> dict:
+        """Hands the record and its rows to the sender. Its other exceptions (a dead sender thread,
+        bad input) fail the whole delivery in ``request_finished``."""
         if self.sender is None:
             return {"delivery": "not-this-rank"}
         if self.sender.never_answered(sink):  # a busy collector that answered before is still sent to
             return {"delivery": "failed", "sink": sink, "error": f"routing sink {sink} is unreachable "
                     "(it never answered a heartbeat)"}
-        meta = RoutingMeta(span.key, self.layout.num_experts, len(span.tokens), token_hash(span.tokens), span.start,
-                           weight_version)
         try:
-            self.sender.send(meta, ids, sink, valid=mask, block=False)
+            self.sender.send(record, ids, sink, valid=mask, block=False)
         except SenderFull as exc:
             return {"delivery": "failed", "sink": sink, "error": str(exc)}
         return {"delivery": "queued", "sink": sink}

@@ -44,7 +44,9 @@ class SGLangServer:
                                         env={**os.environ, **cpu_workarounds.server_env(), **(env or {})},
                                         preexec_fn=_kill_when_parent_dies if die_with_parent else None)
 
-    def wait_healthy(self, timeout: float = 180.0) -> SGLangServer:
+    def wait_healthy(self, timeout: float = 600.0) -> SGLangServer:
+        """Waits for ``/health``; a server that exits fails at once. The default allows minutes: a
+        large checkpoint loads that long, and so does the CPU engine on a machine other jobs share."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

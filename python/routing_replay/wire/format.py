@@ -4,13 +4,17 @@ Every message is one ZMQ multipart message. Its first frame is a msgpack map (en
 msgspec) whose ``type`` field names the message; routing messages are followed by raw payload
 frames. No pickle is used anywhere. Byte order is little-endian throughout.
 
-Routing message (sender -> collector), frame 0 is a ``RoutingHeader``:
+Routing message (sender -> collector), frame 0 is a ``RoutingRecord``: the one typed description
+of one sample's routing. It is made once, where the routing is recorded (``RoutingRecord.of``:
+the SGLang scheduler when a request finishes), travels unchanged as this header, is what the
+collector hands the consumer (``RoutingSample.record``), and its fields are the SGLang response's
+descriptor. Only ``shm``/``shm_offset`` are the sender's (set on the copy it transmits), and a
+pipeline stage's slice (``RoutingSender.send(layers=...)``) gets a record of its own.
 
 ============== ======== ==================================================================
 field          type     meaning
 ============== ======== ==================================================================
 type           str      ``"routing"``
-version        int      format version, ``1``; a collector rejects any other
 key            str      sample key (1..1024 UTF-8 bytes), unique per sample; de-duplication
                         and acknowledgements are by key
 weight_version str      the inference engine's weight version that produced the routing
@@ -26,10 +30,12 @@ num_tokens     int      length of the token sequence the rows belong to; start +
 token_hash     int      xxh3_64 (seed 0) of the sequence's token ids as little-endian int32
 payload_bytes  int      R * (stop - start) * K * itemsize
 mask_bytes     int      0 when every (row, layer) is present, else R * (stop - start)
+missing        int      (row, layer) positions not recorded: 0 exactly when mask_bytes is 0
 checksum       int      xxh3_64 (seed 0) of the payload bytes followed by the mask bytes
-shm            str|nil  name of the sender's shared-memory arena under /dev/shm holding payload
-                        then mask (same-host fast path); nil when they travel as frames
-shm_offset     int      byte offset of the region in that arena (0 when shm is nil)
+version        int      format version, ``1``; a collector rejects any other
+shm            str|nil  set by the sender: name of its shared-memory arena under /dev/shm holding
+                        payload then mask (same-host fast path); nil when they travel as frames
+shm_offset     int      set by the sender: byte offset of the region in that arena (0 when nil)
 ============== ======== ==================================================================
 
 Frames after the header: when ``shm`` is nil, frame 1 is the payload, ``[R, stop - start, K]``
@@ -87,8 +93,9 @@ class WireFormatError(ValueError):
         self.reason = reason
 
 
-class RoutingHeader(msgspec.Struct, tag="routing", tag_field="type", forbid_unknown_fields=True):
-    version: int
+class RoutingRecord(msgspec.Struct, tag="routing", tag_field="type", forbid_unknown_fields=True):
+    """One sample's routing, described once (the table above). Make it with ``of``."""
+
     key: str
     weight_version: str
     num_layers: Count
@@ -103,9 +110,44 @@ class RoutingHeader(msgspec.Struct, tag="routing", tag_field="type", forbid_unkn
     token_hash: Hash64
     payload_bytes: Count
     mask_bytes: Count
+    missing: Count
     checksum: Hash64
+    version: int = FORMAT_VERSION
     shm: Union[str, None] = None
+    """Set by the sender on the copy it transmits through shared memory; None on a made record."""
     shm_offset: Count = 0
+
+    @classmethod
+    def of(cls, key: str, routing: torch.Tensor, valid: torch.Tensor | None, *, num_experts: int,
+           num_tokens: int, token_hash: int, start: int = 0, weight_version: str = "",
+           num_layers: int | None = None, layer_start: int = 0) -> RoutingRecord:
+        """The record of ``routing`` ``[rows, layers, top_k]`` (CPU, the storage dtype of
+        ``num_experts``), the layers ``layer_start..`` of a model with ``num_layers`` (default: all
+        of them). ``valid`` ``[rows, layers]`` bool marks recorded positions (None: all). This is
+        the one pass over the bytes (the checksum); ``token_hash`` is the caller's, computed once.
+        Raises ValueError naming the problem for a tensor that does not fit."""
+        dtype = storage_dtype_name(num_experts)
+        if not isinstance(routing, torch.Tensor) or routing.dim() != 3:
+            raise ValueError(f"{key!r}: routing must be a [rows, layers, top_k] tensor")
+        if routing.dtype != DTYPES[dtype] or routing.device.type != "cpu":
+            raise ValueError(f"{key!r}: routing must be a CPU {dtype} tensor for {num_experts} experts, "
+                             f"got {routing.dtype} on {routing.device}")
+        rows, layers, top_k = routing.shape
+        payload = _bytes_of(routing)
+        missing, mask = 0, _EMPTY
+        if valid is not None:
+            if tuple(valid.shape) != (rows, layers) or valid.dtype != torch.bool or valid.device.type != "cpu":
+                raise ValueError(f"{key!r}: valid must be a CPU [{rows}, {layers}] bool tensor, got "
+                                 f"{valid.dtype} {tuple(valid.shape)} on {valid.device}")
+            missing = int(valid.numel() - valid.count_nonzero())
+            if missing:
+                mask = _bytes_of(valid)
+        return cls(
+            key=key, weight_version=weight_version, num_layers=layers if num_layers is None else num_layers,
+            layer_start=layer_start, layer_stop=layer_start + layers, top_k=top_k, num_experts=num_experts,
+            dtype=dtype, rows=rows, start=start, num_tokens=num_tokens, token_hash=token_hash,
+            payload_bytes=len(payload), mask_bytes=len(mask), missing=missing, checksum=checksum(payload, mask),
+        )
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -120,7 +162,7 @@ class RoutingHeader(msgspec.Struct, tag="routing", tag_field="type", forbid_unkn
         return (self.rows, self.layers, self.top_k)
 
     def validate(self, max_payload_bytes: int) -> None:
-        """Raises WireFormatError when the header is inconsistent or exceeds ``max_payload_bytes``."""
+        """Raises WireFormatError when the record is inconsistent or exceeds ``max_payload_bytes``."""
         if self.version != FORMAT_VERSION:
             raise WireFormatError("version", f"format version {self.version}, this collector reads {FORMAT_VERSION}")
         if not self.key or len(self.key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
@@ -141,6 +183,8 @@ class RoutingHeader(msgspec.Struct, tag="routing", tag_field="type", forbid_unkn
             raise WireFormatError("payload_bytes", f"{self.payload_bytes} does not match shape {self.shape}")
         if self.mask_bytes not in (0, self.rows * self.layers):
             raise WireFormatError("mask_bytes", f"{self.mask_bytes}, expected 0 or {self.rows * self.layers}")
+        if (self.missing == 0) != (self.mask_bytes == 0) or self.missing > self.rows * self.layers:
+            raise WireFormatError("missing", f"{self.missing} missing positions with a mask of {self.mask_bytes} bytes")
         if self.payload_bytes + self.mask_bytes > max_payload_bytes:
             raise WireFormatError(
                 "oversized", f"{self.payload_bytes + self.mask_bytes} bytes exceed the limit of {max_payload_bytes}"
@@ -181,7 +225,7 @@ class Rejected(msgspec.Struct, tag="rejected", tag_field="type", forbid_unknown_
     reason: str
 
 
-ToCollector = Union[RoutingHeader, Ping]
+ToCollector = Union[RoutingRecord, Ping]
 ToSender = Union[Pong, Received, Taken, Released, Rejected]
 
 _encoder = msgspec.msgpack.Encoder()
@@ -193,7 +237,7 @@ def encode(message: msgspec.Struct) -> bytes:
     return _encoder.encode(message)
 
 
-def decode_to_collector(frame: bytes | memoryview) -> RoutingHeader | Ping:
+def decode_to_collector(frame: bytes | memoryview) -> RoutingRecord | Ping:
     """The header frame of a message to a collector. Raises WireFormatError (reason ``header``) for
     anything else, whatever the bytes: no other exception escapes."""
     return _decode(_collector_decoder, frame, "header")
@@ -229,6 +273,14 @@ def token_hash(token_ids: Sequence[int] | torch.Tensor | np.ndarray) -> int:
     if isinstance(token_ids, torch.Tensor):
         token_ids = token_ids.cpu().numpy()
     return xxhash.xxh3_64_intdigest(np.ascontiguousarray(token_ids, dtype="<i4").tobytes())
+
+
+_EMPTY = memoryview(b"")
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    """The C-order bytes of a CPU tensor (a copy only when it is not contiguous)."""
+    return memoryview(tensor.contiguous().numpy()).cast("B")
 
 
 def checksum(*buffers: memoryview | bytes) -> int:

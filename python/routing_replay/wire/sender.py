@@ -1,10 +1,12 @@
 """RoutingSender: ships routing to the collector of the rank that trains on each sample.
 
-``send`` only validates and enqueues; a background thread owns the sockets (one DEALER per
-collector), computes checksums, and sends without copying (``copy=False``), or, when the
-collector shares this host's /dev/shm, writes the payload into a shared segment and sends only
-the header. Queued bytes are bounded: everything not yet taken by the consumer counts, and
-``send`` blocks (or raises SenderFull with ``block=False``) while the bound is reached.
+``send`` takes the sample's ``RoutingRecord`` (made once by the producer, checksum included),
+checks the tensors against it and enqueues; a background thread owns the sockets (one DEALER per
+collector) and sends the record unchanged as the header with the payload without copying
+(``copy=False``), or, when the collector shares this host's /dev/shm, writes the payload into a
+shared region and sends only the header. Queued bytes are bounded: everything not yet taken by
+the consumer counts, and ``send`` blocks (or raises SenderFull with ``block=False``) while the
+bound is reached.
 
 Delivery is acknowledged by the application, not by the socket: a message is kept until its
 collector reports it ``taken`` by the consumer. It is resent when no ``received`` comes within
@@ -31,6 +33,7 @@ import traceback
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+import msgspec
 import numpy as np
 import torch
 import zmq
@@ -109,21 +112,6 @@ class SenderConfig:
     """ZMQ high-water mark (messages) per collector socket."""
 
 
-@dataclass(frozen=True)
-class RoutingMeta:
-    """What the trainer needs to know about one sample's routing besides the ids themselves."""
-
-    key: str
-    num_experts: int
-    num_tokens: int
-    """Length of the token sequence the rows belong to."""
-    token_hash: int
-    """``routing_replay.wire.format.token_hash`` of that sequence's token ids."""
-    start: int = 0
-    """Sequence position of the first row."""
-    weight_version: str = ""
-
-
 @dataclass
 class Delivery:
     """Futures of one sample's delivery to one collector."""
@@ -136,7 +124,7 @@ class Delivery:
 
 @dataclass
 class _Outgoing:
-    header: wf.RoutingHeader
+    record: wf.RoutingRecord
     payload: np.ndarray
     mask: np.ndarray | None
     delivery: Delivery
@@ -175,6 +163,7 @@ class RoutingSender:
         self._arena_failed = False
         self._regions: dict[tuple[str, str], int] = {}  # (destination, key) -> arena offset, until released
         self._nonces = itertools.count(1)
+        self._next_scan = 0.0
         self._wake_address = f"inproc://sender-wake-{id(self)}"
         self._wake_pull = self._context.socket(zmq.PULL)
         self._wake_pull.bind(self._wake_address)
@@ -187,28 +176,32 @@ class RoutingSender:
 
     # ---- producer API -------------------------------------------------------------------------
 
-    def send(self, meta: RoutingMeta, routing: torch.Tensor, destination: str, *,
+    def send(self, record: wf.RoutingRecord, routing: torch.Tensor, destination: str, *,
              valid: torch.Tensor | None = None, layers: tuple[int, int] | None = None,
              block: bool = True, timeout: float | None = None) -> Delivery:
-        """Queues ``routing`` ``[rows, L, K]`` (CPU, the storage dtype of ``meta.num_experts``) for
-        the collector at ``destination``; returns at once unless the byte bound is reached.
+        """Queues ``routing`` ``[rows, layers, top_k]``, described by ``record``
+        (``RoutingRecord.of`` of the same tensors), for the collector at ``destination``; returns at
+        once unless the byte bound is reached. The record travels unchanged as the message's header:
+        its checksum and token hash are not computed again here.
 
-        ``valid`` ``[rows, L]`` bool marks recorded positions (None: all). ``layers=(a, b)`` sends
-        only layers ``a..b-1`` (a pipeline stage's slice; costs one copy of the slice).
+        ``valid`` is the ``[rows, layers]`` mask the record was made from; it travels only when the
+        record announces a mask (``mask_bytes > 0``). ``layers=(a, b)`` sends only the model's
+        layers ``a..b-1`` (a pipeline stage's slice): that slice gets a record of its own, with its
+        own sizes and checksum (one copy of the slice and one pass over it).
         """
         self._worker.check()
-        outgoing = self._prepare(meta, routing, valid, layers)
+        outgoing = self._prepare(record, routing, valid, layers)
         outgoing.delivery.destination = check_endpoint(destination)
         with self._cond:
             if outgoing.nbytes > self.config.max_queued_bytes:
-                raise SenderFull(f"{meta.key!r}: {outgoing.nbytes} bytes exceed max_queued_bytes")
+                raise SenderFull(f"{record.key!r}: {outgoing.nbytes} bytes exceed max_queued_bytes")
             deadline = None if timeout is None else time.monotonic() + timeout
             while self._queued_bytes + outgoing.nbytes > self.config.max_queued_bytes:
                 self._worker.check()
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if not block or (remaining is not None and remaining <= 0):
                     raise SenderFull(
-                        f"{meta.key!r}: {self._queued_bytes} bytes are awaiting their consumers "
+                        f"{record.key!r}: {self._queued_bytes} bytes are awaiting their consumers "
                         f"(max_queued_bytes={self.config.max_queued_bytes})"
                     )
                 self._cond.wait(remaining)
@@ -281,7 +274,7 @@ class RoutingSender:
         self._wake()
         self._worker.join()
         for message in list(self._pending.values()) + list(self._incoming):
-            self._finish(message, DeliveryError(f"{message.header.key!r}: sender closed before it was taken"))
+            self._finish(message, DeliveryError(f"{message.record.key!r}: sender closed before it was taken"))
         for dest in self._destinations.values():
             if dest.probe:
                 shm.unlink(dest.probe)
@@ -300,34 +293,32 @@ class RoutingSender:
 
     # ---- preparation (producer thread) --------------------------------------------------------
 
-    def _prepare(self, meta: RoutingMeta, routing: torch.Tensor, valid: torch.Tensor | None,
+    def _prepare(self, record: wf.RoutingRecord, routing: torch.Tensor, valid: torch.Tensor | None,
                  layers: tuple[int, int] | None) -> _Outgoing:
-        dtype_name = wf.storage_dtype_name(meta.num_experts)
-        if not isinstance(routing, torch.Tensor) or routing.dim() != 3:
-            raise ValueError(f"{meta.key!r}: routing must be a [rows, layers, top_k] tensor")
-        if routing.dtype != wf.DTYPES[dtype_name] or routing.device.type != "cpu":
-            raise ValueError(f"{meta.key!r}: routing must be a CPU {dtype_name} tensor for "
-                             f"{meta.num_experts} experts, got {routing.dtype} on {routing.device}")
-        rows, num_layers, top_k = routing.shape
-        start, stop = layers if layers is not None else (0, num_layers)
-        if not 0 <= start < stop <= num_layers:
-            raise ValueError(f"{meta.key!r}: layers {layers} outside 0..{num_layers}")
-        payload = routing[:, start:stop].contiguous().numpy()
-        mask = None
-        if valid is not None:
-            if valid.shape != (rows, num_layers) or valid.dtype != torch.bool:
-                raise ValueError(f"{meta.key!r}: valid must be a [{rows}, {num_layers}] bool tensor")
-            sliced = valid[:, start:stop]
-            mask = None if bool(sliced.all()) else sliced.contiguous().numpy()
-        header = wf.RoutingHeader(
-            version=wf.FORMAT_VERSION, key=meta.key, weight_version=meta.weight_version, num_layers=num_layers,
-            layer_start=start, layer_stop=stop, top_k=top_k, num_experts=meta.num_experts, dtype=dtype_name,
-            rows=rows, start=meta.start, num_tokens=meta.num_tokens, token_hash=meta.token_hash,
-            payload_bytes=payload.nbytes, mask_bytes=0 if mask is None else mask.nbytes, checksum=0,
-        )
-        header.validate(max_payload_bytes=self.config.max_queued_bytes)
-        delivery = Delivery(meta.key, "")
-        return _Outgoing(header, payload, mask, delivery, header.payload_bytes + header.mask_bytes, time.monotonic())
+        if not isinstance(record, wf.RoutingRecord):
+            raise TypeError(f"send takes a RoutingRecord (RoutingRecord.of), got {type(record).__name__}")
+        key = record.key
+        if record.shm is not None or record.shm_offset:
+            raise ValueError(f"{key!r}: shm and shm_offset are the sender's to set; the record has {record.shm!r}")
+        if not isinstance(routing, torch.Tensor) or tuple(routing.shape) != (record.rows, record.layers, record.top_k) \
+                or routing.dtype != record.torch_dtype or routing.device.type != "cpu":
+            raise ValueError(f"{key!r}: routing must be a CPU {record.dtype} tensor of the record's shape "
+                             f"{record.shape}, got {getattr(routing, 'dtype', type(routing).__name__)} "
+                             f"{tuple(getattr(routing, 'shape', ()))}")
+        if record.mask_bytes and (valid is None or tuple(valid.shape) != (record.rows, record.layers)
+                                  or valid.dtype != torch.bool or valid.device.type != "cpu"):
+            raise ValueError(f"{key!r}: the record announces {record.missing} missing positions: valid must be "
+                             f"its CPU [{record.rows}, {record.layers}] bool mask")
+        if layers is not None and tuple(layers) != (record.layer_start, record.layer_stop):
+            record, routing, valid = _slice(record, routing, valid, layers)
+        payload = routing.contiguous().numpy()
+        mask = valid.contiguous().numpy() if record.mask_bytes else None
+        record.validate(max_payload_bytes=self.config.max_queued_bytes)
+        if payload.nbytes != record.payload_bytes or (mask is not None and mask.nbytes != record.mask_bytes):
+            raise ValueError(f"{key!r}: {payload.nbytes} + {0 if mask is None else mask.nbytes} bytes, the record "
+                             f"says {record.payload_bytes} + {record.mask_bytes}")
+        nbytes = record.payload_bytes + record.mask_bytes
+        return _Outgoing(record, payload, mask, Delivery(key, ""), nbytes, time.monotonic())
 
     # ---- sender thread ------------------------------------------------------------------------
 
@@ -360,18 +351,16 @@ class RoutingSender:
                 if not self._incoming:
                     return
                 message = self._incoming.popleft()
-            payload_view = memoryview(message.payload).cast("B")
-            mask_view = memoryview(message.mask).cast("B") if message.mask is not None else memoryview(b"")
-            message.header.checksum = wf.checksum(payload_view, mask_view)
             try:
                 dest = self._destination(message.delivery.destination, poller)
             except zmq.ZMQError as exc:  # checked syntax, yet refused (e.g. a host name that does not resolve)
-                self._finish(message, DeliveryError(f"{message.header.key!r}: cannot connect to "
+                self._finish(message, DeliveryError(f"{message.record.key!r}: cannot connect to "
                                                     f"{message.delivery.destination}: {exc}"))
                 continue
-            slot = (dest.address, message.header.key)
+            slot = (dest.address, message.record.key)
             if slot in self._pending:  # the same key again: the newer routing replaces the older
-                self._finish(self._pending.pop(slot), DeliveryError(f"{message.header.key!r}: replaced by a newer send"))
+                self._finish(self._pending.pop(slot),
+                             DeliveryError(f"{message.record.key!r}: replaced by a newer send"))
                 self._regions.pop(slot, None)  # the collector may still hold it: never reused
             self._pending[slot] = message
             if dest.epoch is not None:
@@ -395,21 +384,21 @@ class RoutingSender:
         return dest
 
     def _transmit(self, dest: _Destination, message: _Outgoing) -> None:
-        header = message.header
-        if dest.max_payload_bytes is not None and header.payload_bytes + header.mask_bytes > dest.max_payload_bytes:
+        record = message.record
+        if dest.max_payload_bytes is not None and message.nbytes > dest.max_payload_bytes:
             self._refuse_oversized(dest, message)
             return
         frames: list = [message.payload] if message.mask is None else [message.payload, message.mask]
-        slot = (dest.address, header.key)
+        slot = (dest.address, record.key)
         if slot not in self._regions and self._use_shm(dest, message.nbytes):
             offset = self._arena.alloc(message.nbytes)
             if offset is not None:
                 self._arena.write(offset, *(memoryview(f).cast("B") for f in frames))
                 self._regions[slot] = offset
         if slot in self._regions:  # a resend reuses its region: the bytes are the same
-            header.shm, header.shm_offset, frames = self._arena.name, self._regions[slot], []
+            record, frames = msgspec.structs.replace(record, shm=self._arena.name, shm_offset=self._regions[slot]), []
         try:
-            dest.socket.send_multipart([wf.encode(header), *frames], zmq.NOBLOCK, copy=False)
+            dest.socket.send_multipart([wf.encode(record), *frames], zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return  # high-water mark: retried on the next tick
         message.sent_at = time.monotonic()
@@ -418,7 +407,7 @@ class RoutingSender:
     def _refuse_oversized(self, dest: _Destination, message: _Outgoing) -> None:
         """Fails a delivery the collector would refuse (``oversized``) or ZMQ would drop silently
         below it (a frame over its MAXMSGSIZE closes the connection), without sending it."""
-        key, nbytes = message.header.key, message.header.payload_bytes + message.header.mask_bytes
+        key, nbytes = message.record.key, message.nbytes
         log.error("routing for %r (%d bytes) exceeds the limit of collector %s (%d bytes); not sent",
                   key, nbytes, dest.address, dest.max_payload_bytes)
         self._free_region((dest.address, key))
@@ -439,25 +428,26 @@ class RoutingSender:
         return self._arena is not None
 
     def _read_acks(self, dest: _Destination) -> None:
+        applied = ignored = 0
         while True:
             try:
                 frames = dest.socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                break
             try:
                 if len(frames) != 1:
                     raise wf.WireFormatError("frames", f"an acknowledgement of {len(frames)} frames")
-                applied = self._apply_ack(dest, wf.decode_to_sender(frames[0]))
+                if self._apply_ack(dest, wf.decode_to_sender(frames[0])):
+                    applied += 1
+                else:
+                    ignored += 1
             except wf.WireFormatError as exc:
                 self._reject_ack(dest, exc.reason, str(exc))
             except Exception as exc:  # noqa: BLE001 - a bug on some input must cost that ack, not the sender
                 self._reject_ack(dest, "internal_error", f"{exc!r}\n{traceback.format_exc()}")
-            else:
-                with self._cond:
-                    if applied:
-                        self._stats.acks += 1
-                    else:
-                        self._stats.acks_ignored += 1
+        with self._cond:  # once per burst: the lock is contended by producers
+            self._stats.acks += applied
+            self._stats.acks_ignored += ignored
 
     def _reject_ack(self, dest: _Destination, reason: str, detail: str) -> None:
         with self._cond:
@@ -507,13 +497,18 @@ class RoutingSender:
         for dest in self._destinations.values():
             if now >= dest.next_ping:
                 self._ping(dest, now)
+        # The scan for resends and give-ups walks every pending message: once per poll interval,
+        # not once per loop (a loop per acknowledgement made it quadratic in the messages in flight).
+        if now < self._next_scan:
+            return
+        self._next_scan = now + self._poll_timeout_ms() / 1000
         for slot, message in list(self._pending.items()):
             dest = self._destinations[slot[0]]
             if now - message.created > self.config.give_up_after_s:
                 log.error("routing for %r was not taken by %s within %.0fs; giving up",
-                          message.header.key, dest.address, self.config.give_up_after_s)
+                          message.record.key, dest.address, self.config.give_up_after_s)
                 self._finish(self._pending.pop(slot), DeliveryError(
-                    f"{message.header.key!r}: not taken by {dest.address} within {self.config.give_up_after_s}s"))
+                    f"{message.record.key!r}: not taken by {dest.address} within {self.config.give_up_after_s}s"))
                 self._regions.pop(slot, None)  # a slow collector may map it later: never reused
             elif dest.epoch is not None and message.received_epoch is None and (
                 message.sent_at is None or now - message.sent_at > self.config.ack_timeout_s
@@ -567,7 +562,7 @@ class RoutingSender:
             self._pending.clear()
             self._incoming.clear()
         for message in outgoing:
-            self._finish(message, DeliveryError(f"{message.header.key!r}: {error}"))
+            self._finish(message, DeliveryError(f"{message.record.key!r}: {error}"))
 
     def _wake(self) -> None:
         with self._cond:
@@ -575,6 +570,23 @@ class RoutingSender:
                 self._wake_push.send(b"", zmq.NOBLOCK)
             except (zmq.Again, zmq.ZMQError):
                 pass
+
+
+def _slice(record: wf.RoutingRecord, routing: torch.Tensor, valid: torch.Tensor | None,
+           layers: tuple[int, int]) -> tuple[wf.RoutingRecord, torch.Tensor, torch.Tensor | None]:
+    """The model's layers ``a..b-1`` of a record's routing, with a record of their own."""
+    a, b = layers
+    if not record.layer_start <= a < b <= record.layer_stop:
+        raise ValueError(f"{record.key!r}: layers {layers} outside the record's "
+                         f"[{record.layer_start}, {record.layer_stop})")
+    columns = slice(a - record.layer_start, b - record.layer_start)
+    routing = routing[:, columns].contiguous()
+    valid = valid[:, columns].contiguous() if record.mask_bytes else None
+    sliced = wf.RoutingRecord.of(
+        record.key, routing, valid, num_experts=record.num_experts, num_tokens=record.num_tokens,
+        token_hash=record.token_hash, start=record.start, weight_version=record.weight_version,
+        num_layers=record.num_layers, layer_start=a)
+    return sliced, routing, valid if sliced.mask_bytes else None
 
 
 def _resolve(future: Future) -> None:
