@@ -14,7 +14,8 @@ def worker(rank: int, world: int, tensor: int, expert: int, dispatcher: str, por
     from routing_replay.megatron.hf_checkpoint import build_model
     from routing_replay.megatron.logprobs import Batch, score
     from routing_replay.megatron.parallel import ParallelConfig, initialize
-    from routing_replay.megatron.replay import ModelReplay, sequence_parallel_shard
+    from routing_replay.megatron.replay import ModelReplay
+    from tests.support.token_order import sequence_parallel_shard
 
     os.environ["MASTER_PORT"] = str(port)
     parallel = ParallelConfig(tensor=tensor, expert=expert, sequence_parallel=tensor > 1)

@@ -6,14 +6,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from routing_replay.megatron.replay import (
-    RecordedRouting,
-    RouterIndices,
-    context_parallel_positions,
-    context_parallel_rows,
-    rollout_to_router_indices,
-    sequence_parallel_shard,
-)
+from routing_replay.megatron.replay import RecordedRouting, RouterIndices, rollout_to_router_indices
+from tests.support.token_order import context_parallel_positions, context_parallel_rows, sequence_parallel_shard
 
 
 def int64_host_placement(rows, starts, seq_len, valid=None, placements=None):

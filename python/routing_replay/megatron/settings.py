@@ -25,7 +25,7 @@ class ParallelConfig:
     """Expert-parallel size."""
     context: int = Field(default=1, ge=1, strict=True)
     """Context-parallel size. megatron-core needs TransformerEngine attention for it (not on CPU);
-    replay rows for it come from ``replay.context_parallel_rows``."""
+    the job refuses it (``config.validate_job``)."""
     data: int = Field(default=1, ge=1, strict=True)
     """Data-parallel size: the job's ranks are data x tensor x context x pipeline (megatron-core
     derives it from the world size; the job places that many trainer ranks)."""

@@ -43,7 +43,7 @@ import msgspec
 import torch
 
 from routing_replay.capture import RoutingLayout, RoutingRecorder, RoutingRows
-from routing_replay.capture.layout import moe_layer_ids
+from routing_replay.models import moe_layer_ids
 from routing_replay.sglang.options import REQUEST_KEY, RecordingOptions, RoutingRequest
 from routing_replay.wire import RoutingRecord, RoutingSender, SenderConfig, SenderFull
 from routing_replay.wire import format as wire_format
