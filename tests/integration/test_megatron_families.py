@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from routing_replay.megatron.hf_checkpoint import build_model, export_hf, save_hf
+from routing_replay.megatron.hf_checkpoint import build_model
 from routing_replay.megatron.logprobs import Batch, score
 from routing_replay.megatron.replay import ModelReplay
 from routing_replay.models import FAMILIES, UnsupportedModel
+from tests.integration.test_megatron_checkpoint import assert_export_round_trip_is_exact
 
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "original_max_position_embeddings": 64,
         "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 0.9, "mscale_all_dim": 0.7}
@@ -128,16 +129,7 @@ def test_replay_equals_hugging_face_forced_to_the_same_experts(variant, checkpoi
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_export_round_trip_is_exact(variant, checkpoints, megatron_ready, tmp_path):
-    from safetensors.torch import load_file
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(checkpoints[variant])
-    original = load_file(checkpoints[variant] / "model.safetensors")
-    exported = export_hf(build_model(checkpoints[variant]), config)
-    assert set(exported) == set(original)
-    assert all(torch.equal(exported[name], original[name]) for name in original)
-    reloaded = build_model(save_hf(build_model(checkpoints[variant]), config, tmp_path / "export"))
-    assert all(torch.equal(a, b) for a, b in zip(export_hf(reloaded, config).values(), exported.values()))
+    assert_export_round_trip_is_exact(checkpoints[variant], tmp_path / "export")
 
 
 @pytest.mark.parametrize("variant", ["glm4_moe", "deepseek_v3"])

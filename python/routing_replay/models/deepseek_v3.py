@@ -2,19 +2,11 @@
 MLPs, the rest routed by a sigmoid router (expert groups, a score-correction bias, a routed scaling
 factor) with ``n_shared_experts`` ungated shared experts.
 
-The sigmoid router's Megatron facts, shared with GLM4-MoE (transformers' GLM4-MoE router is
-DeepSeek-V3's), live in ``deepseek_moe``. What megatron-core reproduces exactly, and what is
-refused (``UnsupportedModel``) because it would not:
+The sigmoid router, shared with GLM4-MoE (transformers' GLM4-MoE router is DeepSeek-V3's), and
+what of it megatron-core reproduces or refuses are in ``deepseek_moe``. This module adds the
+attention, where the same rule holds (refused, ``UnsupportedModel``, what megatron-core would
+compute differently):
 
-- the correction bias only chooses experts, the weights are the unbiased sigmoid scores: megatron's
-  ``expert_bias`` buffer, loaded from ``e_score_correction_bias`` and kept constant
-  (``moe_router_bias_update_rate=0``: HF's bias is a constant of the checkpoint, and the trainer must
-  route as the rollout engine does);
-- top-k renormalisation: megatron's sigmoid router renormalises exactly when top-k > 1, HF when
-  ``norm_topk_prob``: the two must agree;
-- expert groups: HF ranks a group by the sum of its two best scores, megatron by its best
-  ``top_k // topk_group``: groups are supported when ``top_k // topk_group == 2`` (DeepSeek-V3:
-  8 // 4) or when they restrict nothing;
 - MLA's rotary embedding: megatron rotates the interleaved pairs of the rope dims, which is HF's
   ``rope_interleave=True`` (DeepSeek-V3's); default and YaRN rope; no attention biases (megatron's
   MLA projections have none).
