@@ -27,7 +27,7 @@ rr::IndexArray index_array(std::uintptr_t ptr, int32_t bytes) {
 
 rr::RecorderView make_view(std::uintptr_t ids, std::uintptr_t valid_bits, std::uintptr_t error_counts,
                            int64_t num_slots, int32_t num_layers, int32_t top_k, int32_t num_experts,
-                           int32_t id_bytes) {
+                           int32_t id_bytes, int32_t device) {
   rr::RecorderView v;
   v.ids = reinterpret_cast<void*>(ids);
   v.valid_bits = reinterpret_cast<uint32_t*>(valid_bits);
@@ -38,6 +38,7 @@ rr::RecorderView make_view(std::uintptr_t ids, std::uintptr_t valid_bits, std::u
   v.num_experts = num_experts;
   v.bit_words = (num_layers + 31) / 32;
   v.id_bytes = id_bytes;
+  v.device = device;
   return v;
 }
 
@@ -105,20 +106,24 @@ PYBIND11_MODULE(RR_MODULE, m) {
   py::class_<rr::RecorderView>(m, "RecorderView", py::module_local())
       .def(py::init(&make_view), py::arg("ids"), py::arg("valid_bits"), py::arg("error_counts"),
            py::arg("num_slots"), py::arg("num_layers"), py::arg("top_k"), py::arg("num_experts"),
-           py::arg("id_bytes"))
+           py::arg("id_bytes"), py::arg("device"))
       .def_readonly("num_slots", &rr::RecorderView::num_slots)
       .def_readonly("num_experts", &rr::RecorderView::num_experts);
 
   m.def(
       "record",
       [](const rr::RecorderView& v, int32_t layer, std::uintptr_t slots, int32_t slots_bytes,
-         std::uintptr_t ids, int32_t ids_bytes, int64_t n_rows, std::uintptr_t valid, int32_t valid_bytes,
-         std::uintptr_t stream) {
-        return to_tuple(backend::record(v, layer, index_array(slots, slots_bytes), index_array(ids, ids_bytes), n_rows,
-                           index_array(valid, valid_bytes), stream));
+         std::uintptr_t ids, int32_t ids_bytes, int64_t ids_stride, int64_t n_rows, std::uintptr_t valid,
+         int32_t valid_bytes, std::uintptr_t stream) {
+        return to_tuple(backend::record(v, layer, index_array(slots, slots_bytes), index_array(ids, ids_bytes),
+                                        ids_stride, n_rows, index_array(valid, valid_bytes), stream));
       },
       py::call_guard<py::gil_scoped_release>());
 #ifdef RR_BACKEND_CUDA
+  m.def("runtime_version", &rr::cuda::runtime_version,
+        "CUDA runtime version this module links, 1000 * major + 10 * minor");
+  m.def("driver_version", &rr::cuda::driver_version,
+        "the installed driver's CUDA version, 1000 * major + 10 * minor (0: no driver)");
   m.def(
       "gather",
       [](const rr::RecorderView& v, std::uintptr_t slots, int32_t slots_bytes, int64_t n,

@@ -31,18 +31,20 @@ void expand_flags(const uint32_t* words, int32_t num_layers, uint8_t* flags) {
 }
 
 template <typename Slot, typename Id, typename Store>
-CallError record_rows(const RecorderView& v, int32_t layer, const Slot* slots, const Id* ids, int64_t n) {
+CallError record_rows(const RecorderView& v, int32_t layer, const Slot* slots, const Id* ids, int64_t stride,
+                      int64_t n) {
   const int32_t k = v.top_k;
   // Pass 1 validates, so a bad batch leaves the buffer untouched.
   for (int64_t row = 0; row < n; ++row) {
     int32_t error = kOk, col = 0;
-    const int32_t cls = classify_row(ids + row * k, k, v.num_experts, &error, &col);
-    if (cls == kReject) return {error, row, col, static_cast<int64_t>(ids[row * k + col])};
+    const int32_t cls = classify_row(ids + row * stride, k, v.num_experts, &error, &col);
+    if (cls == kReject) return {error, row, col, static_cast<int64_t>(ids[row * stride + col])};
     if (cls == kStore && !slot_in_range(v, slots[row])) return {kSlotOutOfRange, row, 0, static_cast<int64_t>(slots[row])};
   }
-  // Every row is now either valid or all padding, so its first id tells which.
+  // Every row is now either valid or all padding, so its first id tells which. A slot repeated
+  // in one call keeps its last row.
   for (int64_t row = 0; row < n; ++row) {
-    if (ids[row * k] != Id(kPaddingId)) store_row<Id, Store>(v, layer, slots[row], ids + row * k);
+    if (ids[row * stride] != Id(kPaddingId)) store_row<Id, Store>(v, layer, slots[row], ids + row * stride);
   }
   return {};
 }
@@ -57,8 +59,8 @@ CallError check_slots(const RecorderView& v, IndexArray slots, int64_t n) {
 
 }  // namespace
 
-CallError record(const RecorderView& v, int32_t layer, IndexArray slots, IndexArray ids, int64_t n_rows,
-                 IndexArray valid_rows, std::uintptr_t) {
+CallError record(const RecorderView& v, int32_t layer, IndexArray slots, IndexArray ids, int64_t ids_stride,
+                 int64_t n_rows, IndexArray valid_rows, std::uintptr_t) {
   const int64_t n = rows_to_record(n_rows, valid_rows);
   CallError result;
   dispatch_index(slots.bytes, [&](auto slot_type) {
@@ -66,7 +68,8 @@ CallError record(const RecorderView& v, int32_t layer, IndexArray slots, IndexAr
       dispatch_storage(v.id_bytes, [&](auto store_type) {
         using Slot = decltype(slot_type);
         using Id = decltype(id_type);
-        result = record_rows<Slot, Id, decltype(store_type)>(v, layer, typed<Slot>(slots), typed<Id>(ids), n);
+        result = record_rows<Slot, Id, decltype(store_type)>(v, layer, typed<Slot>(slots), typed<Id>(ids), ids_stride,
+                                                             n);
       });
     });
   });

@@ -1,6 +1,7 @@
-// CUDA backend of the routing recorder. Every launch is asynchronous on the caller's stream and
-// allocates nothing, so `record` can be captured in a CUDA graph and replayed. Bad rows are
-// skipped (they read back as unwritten) and counted in error_counts instead of raising.
+// CUDA backend of the routing recorder. Every launch runs on the recorder's device (whatever the
+// calling thread's current device is), is asynchronous on the caller's stream of that device and
+// allocates nothing, so `record` can be captured in a CUDA graph and replayed. Bad rows are skipped
+// (they read back as unwritten) and counted in error_counts, which only ever grow, instead of raising.
 #include <cuda_runtime.h>
 
 #include <stdexcept>
@@ -20,12 +21,12 @@ __device__ void count_error(const RecorderView& v, int32_t kind) {
 // One thread per row. The valid-row count is read on the device, so a captured graph honours the
 // value current at each replay.
 template <typename Slot, typename Id, typename Store>
-__global__ void record_kernel(RecorderView v, int32_t layer, const Slot* slots, const Id* ids, int64_t n_rows,
-                              IndexArray valid_rows) {
+__global__ void record_kernel(RecorderView v, int32_t layer, const Slot* slots, const Id* ids, int64_t ids_stride,
+                              int64_t n_rows, IndexArray valid_rows) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row >= rows_to_record(n_rows, valid_rows)) return;
   int32_t error = kOk, col = 0;
-  const int32_t cls = classify_row(ids + row * v.top_k, v.top_k, v.num_experts, &error, &col);
+  const int32_t cls = classify_row(ids + row * ids_stride, v.top_k, v.num_experts, &error, &col);
   if (cls == kPadding) return;
   if (cls == kReject) {
     count_error(v, error);
@@ -36,7 +37,7 @@ __global__ void record_kernel(RecorderView v, int32_t layer, const Slot* slots, 
     count_error(v, kSlotOutOfRange);
     return;
   }
-  store_row<Id, Store>(v, layer, slot, ids + row * v.top_k);
+  store_row<Id, Store>(v, layer, slot, ids + row * ids_stride);
 }
 
 // One thread per output element; threads with col < num_layers also write that layer's flag
@@ -87,17 +88,46 @@ __global__ void copy_rows_kernel(RecorderView dst, RecorderView src, IndexArray 
 
 unsigned int blocks_for(int64_t threads) { return static_cast<unsigned int>((threads + kThreads - 1) / kThreads); }
 
+void check(cudaError_t err, const char* what) {
+  if (err == cudaSuccess) return;
+  cudaGetLastError();  // a failed runtime call also sets the last error: clear it, or the next call's
+                       // launch check would report this failure again
+  throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
+}
+
+// Makes the recorder's device current for one call and restores the caller's afterwards: a
+// thread whose current device is another one must not launch there. cudaGetDevice/cudaSetDevice
+// are not stream operations, so this is legal inside graph capture.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int32_t device) : target_(device) {
+    check(cudaGetDevice(&previous_), "routing_replay: cudaGetDevice");
+    if (previous_ != target_) check(cudaSetDevice(target_), "routing_replay: cudaSetDevice");
+  }
+  ~DeviceGuard() {
+    if (previous_ != target_) cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int32_t target_;
+  int previous_ = 0;
+};
+
 void check_launch(const char* what) {
-  // cudaPeekAtLastError neither syncs nor clears sticky errors: safe inside graph capture.
-  const cudaError_t err = cudaPeekAtLastError();
-  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
+  // cudaGetLastError clears a launch error (a bad configuration, a missing kernel image), so the
+  // next call starts clean: one failed launch raises once. It neither syncs nor touches a stream,
+  // so it is safe inside graph capture. Sticky errors (a faulting kernel) stay, as CUDA wants.
+  check(cudaGetLastError(), what);
 }
 
 }  // namespace
 
-CallError record(const RecorderView& v, int32_t layer, IndexArray slots, IndexArray ids, int64_t n_rows,
-                 IndexArray valid_rows, std::uintptr_t stream) {
+CallError record(const RecorderView& v, int32_t layer, IndexArray slots, IndexArray ids, int64_t ids_stride,
+                 int64_t n_rows, IndexArray valid_rows, std::uintptr_t stream) {
   if (n_rows == 0) return {};
+  const DeviceGuard on_device(v.device);
   const auto s = reinterpret_cast<cudaStream_t>(stream);
   dispatch_index(slots.bytes, [&](auto slot_type) {
     dispatch_index(ids.bytes, [&](auto id_type) {
@@ -105,7 +135,7 @@ CallError record(const RecorderView& v, int32_t layer, IndexArray slots, IndexAr
         using Slot = decltype(slot_type);
         using Id = decltype(id_type);
         record_kernel<Slot, Id, decltype(store_type)><<<blocks_for(n_rows), kThreads, 0, s>>>(
-            v, layer, typed<Slot>(slots), typed<Id>(ids), n_rows, valid_rows);
+            v, layer, typed<Slot>(slots), typed<Id>(ids), ids_stride, n_rows, valid_rows);
       });
     });
   });
@@ -116,6 +146,7 @@ CallError record(const RecorderView& v, int32_t layer, IndexArray slots, IndexAr
 CallError gather(const RecorderView& v, IndexArray slots, int64_t n, void* out_ids, uint8_t* out_valid,
                  std::uintptr_t stream) {
   if (n == 0) return {};
+  const DeviceGuard on_device(v.device);
   const auto s = reinterpret_cast<cudaStream_t>(stream);
   dispatch_storage(v.id_bytes, [&](auto store_type) {
     using Store = decltype(store_type);
@@ -128,6 +159,7 @@ CallError gather(const RecorderView& v, IndexArray slots, int64_t n, void* out_i
 
 CallError reset(const RecorderView& v, IndexArray slots, int64_t n, std::uintptr_t stream) {
   if (n == 0) return {};
+  const DeviceGuard on_device(v.device);
   reset_kernel<<<blocks_for(n * v.bit_words), kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(v, slots, n);
   check_launch("routing_replay reset kernel");
   return {};
@@ -136,6 +168,7 @@ CallError reset(const RecorderView& v, IndexArray slots, int64_t n, std::uintptr
 CallError copy_rows(const RecorderView& dst, const RecorderView& src, IndexArray src_slots, IndexArray dst_slots,
                     int64_t n, std::uintptr_t stream) {
   if (n == 0) return {};
+  const DeviceGuard on_device(dst.device);
   const auto s = reinterpret_cast<cudaStream_t>(stream);
   dispatch_storage(dst.id_bytes, [&](auto store_type) {
     copy_rows_kernel<decltype(store_type)><<<blocks_for(n * row_elems(dst)), kThreads, 0, s>>>(dst, src, src_slots,
@@ -143,6 +176,18 @@ CallError copy_rows(const RecorderView& dst, const RecorderView& src, IndexArray
   });
   check_launch("routing_replay copy_rows kernel");
   return {};
+}
+
+int32_t runtime_version() {
+  int version = 0;
+  check(cudaRuntimeGetVersion(&version), "routing_replay: cudaRuntimeGetVersion");
+  return version;
+}
+
+int32_t driver_version() {
+  int version = 0;
+  if (cudaDriverGetVersion(&version) != cudaSuccess) version = 0;  // no usable driver
+  return version;
 }
 
 }  // namespace rr::cuda

@@ -218,5 +218,7 @@ fi
 "$VENV/bin/python" - <<'PY'
 import routing_replay.capture as c
 from routing_replay.capture import native
-print(f"[setup] ready: routing_replay.capture (CUDA module built: {native._capture_cuda is not None})")
+built = native.built_cuda_module is not None
+usable = "" if not built else f", usable here: {native.cuda_unavailable_reason or 'yes'}"
+print(f"[setup] ready: routing_replay.capture (CUDA module built: {built}{usable}; CUDA versions: {native.cuda_versions()})")
 PY

@@ -23,6 +23,7 @@ Kind = Literal[
     "forward hook",  # torch.nn.Module.register_forward_hook on each instance
     "config",  # a configuration field our code sets and relies on
     "install-time",  # files of an installed package replaced when the environment is set up
+    "stand-in",  # a method SGLang calls on an object of ours put where it expects its own
 ]
 When = Literal[
     "always",
@@ -65,6 +66,11 @@ def _sglang_hook(target: str, where: str, why: str, params: tuple[str, ...]) -> 
     return Patch(f"{_SRT}.{target}", "hook", "always", "sglang", f"{_PLUGIN}:{where}", why, params)
 
 
+def _stand_in(target: str, why: str, params: tuple[str, ...]) -> Patch:
+    return Patch(f"{_SRT}.state_capturer.{target}", "stand-in", "always", "sglang", f"{_PLUGIN}:RoutedExpertsRecorder",
+                 why, params)
+
+
 _FREE_WHY = "a slot the scheduler's KV allocator frees outside a free group loses its routing rows"
 _CLEAR_WHY = "a cleared KV cache drops every routing row"
 # Every token-to-KV allocator class of SGLang (under sglang.srt.mem_cache.allocator) that defines
@@ -92,7 +98,8 @@ SGLANG: tuple[Patch, ...] = (
     _sglang_hook("server_args.ServerArgs.add_cli_args", "_add_cli_args",
                  "adds the --record-routing flags to every SGLang launcher", ("parser",)),
     _sglang_hook("server_args.ServerArgs.from_cli_args", "_from_cli_args",
-                 "publishes the recording options before SGLang spawns its schedulers", ("cls", "args")),
+                 "publishes the recording options, and refuses flags whose routing we cannot record, before "
+                 "SGLang spawns its schedulers", ("cls", "args")),
     _sglang_hook("entrypoints.engine._wait_for_scheduler_ready", "_wait_for_scheduler_ready",
                  "refuses to serve when --record-routing is set and a scheduler did not report recording live",
                  ()),
@@ -101,16 +108,27 @@ SGLANG: tuple[Patch, ...] = (
     _sglang_hook("entrypoints.api_contract.generate_contract_error", "_generate_contract_error",
                  "/generate refuses bad routing parameters before a stream starts (HTTP 400)", ("body",)),
     _sglang_hook("managers.scheduler.Scheduler.__init__", "_scheduler_init",
-                 "builds the scheduler's recording and notes the KV allocator it watches", ("self",)),
+                 "notes the scheduler's KV allocator, whose frees reset routing rows", ("self",)),
     _sglang_hook("managers.scheduler.Scheduler.get_init_info", "_scheduler_init_info",
                  "reports the recording's status to the launcher", ("self",)),
     _sglang_hook("managers.scheduler.Scheduler.get_output_streamer_class", "_output_streamer_class",
                  "a recording scheduler streams outputs through a subclass that attaches descriptors", ("self",)),
+    _sglang_hook("model_executor.model_runner.ModelRunner.init_routed_experts_capturer", "_init_capturer",
+                 "builds the recording and fills the capturer slot once the model and KV pool exist, before "
+                 "any CUDA graph is captured", ("self",)),
     _sglang_hook("model_executor.model_runner.ModelRunner.forward", "_model_forward",
                  "scopes each forward of the target model (not a draft worker's)", ("self", "forward_batch")),
-    _sglang_hook("layers.moe.topk.capture_routed_experts_if_allowed", "_capture",
-                 "SGLang's single capture site for every MoE backend: logical expert ids per layer",
-                 ("topk_config", "layer_id", "topk_ids")),
+    _stand_in("routed_experts.set_global_experts_capturer", "puts RoutedExpertsRecorder in SGLang's "
+              "capturer slot, where every MoE path's capture call and SGLang's fused-path guards look",
+              ("capturer",)),
+    _stand_in("routed_experts.get_global_experts_capturer", "SGLang's own capturer, wrapped when it is on", ()),
+    _stand_in("routed_experts.RoutedExpertsCapturer.capture", "logical expert ids per MoE layer, from every "
+              "top-k path and every direct caller (fused gates, models)", ("self", "layer_id", "topk_indices")),
+    _stand_in("routed_experts.RoutedExpertsCapturer.on_forward_end", "handed on to SGLang's own capturer",
+              ("self", "forward_batch", "can_run_graph", "cuda_graph_batch", "no_copy_to_cpu")),
+    _stand_in("routed_experts.RoutedExpertsCapturer.get_topk", "handed on to SGLang's own capturer",
+              ("self", "req_pool_idx", "seqlen", "req_to_token_pool", "start_len")),
+    _stand_in("routed_experts.RoutedExpertsCapturer.destroy", "handed on to SGLang's own capturer", ("self",)),
     _sglang_hook("managers.scheduler_components.batch_result_processor.SchedulerBatchResultProcessor"
                  "._maybe_collect_routed_experts", "_request_finished",
                  "a finished request's rows are read and delivered before its KV slots are released",

@@ -48,6 +48,14 @@ def test_greedy_routing_equals_hf_router_and_sglang_own_capture(qwen3_server, pr
     assert record.payload_bytes == ours.numel()  # one byte per id, against four for SGLang's int32
 
 
+def test_we_hold_sglangs_capturer_slot_and_sglangs_own_capturer_still_works(qwen3_server):
+    """Every MoE path that captures (top-k, fused gates, models that call the capturer directly)
+    calls the object in SGLang's capturer slot: the scheduler reports ours there, wrapping SGLang's
+    own (on in this server), whose rows equal ours (the greedy test above compares them)."""
+    log = qwen3_server.log_path.read_text(errors="replace")
+    assert "RoutedExpertsRecorder(SGLang's own capturer: RoutedExpertsCapturer)" in log
+
+
 def test_long_prompt_across_small_prefill_chunks(qwen3_server):
     prompt = " ".join(PROMPTS * 3)  # far beyond --chunked-prefill-size 16
     response, ours, _ = inline_routing(qwen3_server, prompt, max_new_tokens=4)

@@ -151,7 +151,8 @@ BAD_RECORD_CALLS = {
     "wrong top_k": ({"topk_ids": torch.tensor([[0, 1, 2], [2, 3, 4]])}, "3 columns, the layout's top_k is 2"),
     "row mismatch": ({"slots": torch.tensor([1, 2, 3])}, "slots has 3 rows but topk_ids has 2"),
     "2-D slots": ({"slots": torch.tensor([[1, 2]])}, "slots must be 1-D"),
-    "non-contiguous ids": ({"topk_ids": torch.tensor([[0, 2], [1, 3]]).t()}, "topk_ids must be contiguous"),
+    "non-contiguous ids": ({"topk_ids": torch.tensor([[0, 2], [1, 3]]).t()}, "topk_ids' rows must each be contiguous"),
+    "overlapping rows": ({"topk_ids": torch.tensor([0, 1, 2]).as_strided((2, 2), (1, 1))}, "rows must each be contiguous"),
     "non-contiguous slots": ({"slots": torch.tensor([1, 0, 2, 0])[::2]}, "slots must be contiguous"),
     "list slots": ({"slots": [1, 2]}, "slots must be a torch.Tensor"),
     "wrong device": ({"slots": torch.tensor([1, 2], device="meta")}, "slots is on meta but the recorder is on cpu"),
@@ -302,3 +303,57 @@ def test_clear_marks_everything_unwritten():
     recorder.record(0, torch.tensor([1, 2]), torch.tensor([[0, 1], [2, 3]]))
     recorder.clear()
     assert not recorder.gather([1, 2]).wait().valid.any()
+
+
+def test_a_column_slice_of_wider_ids_is_recorded_without_a_copy():
+    """SGLang's fused shared experts append a column (id = num_experts); recording topk_ids[:, :K]
+    must store the routed columns exactly, without copying the slice."""
+    layout = LAYOUTS["8e-top2"]
+    wide = torch.tensor([[0, 1, 8], [2, 3, 8], [4, 5, 8]], dtype=torch.int32)
+    recorder = RoutingRecorder(layout, num_slots=8)
+    recorder.record(0, torch.tensor([5, 6, 7]), wide[:, :2])
+    rows = recorder.gather([5, 6, 7]).wait()
+    assert rows.valid[:, 0].all() and rows.ids[:, 0].tolist() == [[0, 1], [2, 3], [4, 5]]
+    with pytest.raises(InvalidRoutingInput, match="3 columns, the layout's top_k is 2"):
+        recorder.record(0, torch.tensor([5, 6, 7]), wide)
+
+
+def test_debug_mode_rejects_a_slot_repeated_among_real_rows(monkeypatch):
+    import routing_replay.capture.recorder as recorder_module
+
+    recorder = RoutingRecorder(LAYOUTS["8e-top2"], num_slots=8)
+    ids = torch.tensor([[0, 1], [2, 3], [-1, -1]])
+    recorder.record(0, torch.tensor([4, 4, 5]), ids)  # default: the CPU keeps the last row
+    assert recorder.gather([4]).wait().ids[0, 0].tolist() == [2, 3]
+    monkeypatch.setattr(recorder_module, "_DEBUG", True)
+    with pytest.raises(InvalidRoutingInput, match="slot 4 appears in 2 rows of one record call"):
+        recorder.record(0, torch.tensor([4, 4, 5]), ids)
+    recorder.record(0, torch.tensor([4, 5, 4]), ids)  # a padding row may share a slot
+    recorder.record(0, torch.tensor([4, 4, 5]), ids, valid_rows=torch.tensor(1))  # rows past valid_rows: ignored
+
+
+def test_cpu_gathers_report_no_counted_errors_and_errors_need_a_wait():
+    recorder = RoutingRecorder(LAYOUTS["8e-top2"], num_slots=8)
+    handle = recorder.gather([1])
+    with pytest.raises(RuntimeError, match="call wait\\(\\) first"):
+        handle.errors
+    handle.wait()
+    assert handle.errors == {} and recorder.take_errors(recorder.error_snapshot()) == {}
+
+
+def test_error_deltas_report_each_counted_error_once_in_any_snapshot_order():
+    """The counts only grow on the device; the host reports the increase over what it reported.
+    (CPU recorder with counts written by hand: the CUDA kernels are what increments them.)"""
+    recorder = RoutingRecorder(LAYOUTS["8e-top2"], num_slots=8)
+
+    class Snapshot:
+        def __init__(self, counts):
+            self._counts = counts
+
+        def counts(self):
+            return self._counts
+
+    early, late = Snapshot([0, 2, 0, 0]), Snapshot([0, 3, 1, 0])
+    assert recorder.take_errors(late) == {"expert id out of range": 3, "slot out of range": 1}
+    assert recorder.take_errors(early) == {}  # older snapshot: nothing new
+    assert recorder.take_errors(Snapshot([0, 3, 1, 2])) == {"row mixing -1 padding with expert ids": 2}

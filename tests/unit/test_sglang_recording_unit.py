@@ -15,7 +15,7 @@ import torch
 
 from routing_replay.sglang.client import decode_inline, routing_record
 from routing_replay.sglang.options import RecordingOptions
-from routing_replay.sglang.recording import SchedulerRecording
+from routing_replay.sglang.recording import SchedulerRecording, staging_rows
 from routing_replay.wire import RoutingCollector, RoutingRecord
 from routing_replay.wire import format as wire_format
 from routing_replay.wire.worker import BackgroundThreadDied
@@ -24,9 +24,20 @@ CONFIG = SimpleNamespace(model_type="qwen3_moe", num_hidden_layers=4, num_expert
                          mlp_only_layers=[0, 2], decoder_sparse_step=1)
 
 
-def recording() -> SchedulerRecording:
-    return SchedulerRecording(RecordingOptions(record_routing=True), CONFIG, num_slots=64, max_batch=16,
-                              device="cpu", sends=False)
+class CaptureMode:
+    """SGLang's capture-mode flag, as the scheduler reads it (on while SGLang captures its graphs)."""
+
+    def __init__(self) -> None:
+        self.on = False
+
+    def __call__(self) -> bool:
+        return self.on
+
+
+def recording(options: RecordingOptions = RecordingOptions(record_routing=True), sends: bool = False,
+              fused_shared_experts: int = 0, capture_mode: CaptureMode | None = None) -> SchedulerRecording:
+    return SchedulerRecording(options, CONFIG, num_slots=64, max_batch=16, device="cpu", sends=sends,
+                              fused_shared_experts=fused_shared_experts, in_graph_capture=capture_mode or CaptureMode())
 
 
 def forward(rec: SchedulerRecording, slots: list[int], per_layer: dict[int, torch.Tensor], padded: int = 0):
@@ -55,14 +66,41 @@ def test_rows_map_to_routers_by_layer_index_on_a_model_with_dense_layers():
     assert not rec.main.gather([12]).wait().valid.any()  # the whole forward stays unrecorded
 
 
-def test_staging_is_cleared_between_forwards_and_grows_for_large_eager_batches():
+def test_staging_is_cleared_between_forwards_and_large_eager_batches_record_directly():
     rec = recording()
+    staging = rec.staging
     forward(rec, [1, 2], {1: torch.tensor([[0, 1], [2, 3]]), 3: torch.tensor([[0, 1], [2, 3]])})
     forward(rec, [5, 6], {1: torch.tensor([[4, 5], [6, 7]])})  # layer 3 not routed in this forward
     assert rec.main.gather([5, 6]).wait().valid.tolist() == [[True, False], [True, False]]
-    big = list(range(20, 60))
+    big = list(range(20, 60))  # more tokens than the 16 staging rows: straight into the main recorder
     forward(rec, big, {1: torch.zeros(40, 2, dtype=torch.int64), 3: torch.ones(40, 2, dtype=torch.int64)})
-    assert rec.staging.num_slots == 40 and rec.main.gather(big).wait().complete
+    rows = rec.main.gather(big).wait()
+    assert rows.complete and rows.ids[:, 1].eq(1).all() and rows.ids[:, 0].eq(0).all()
+    assert rec.staging is staging and staging.num_slots == 16  # never replaced: graphs keep its address
+    assert not staging.gather(range(16)).wait().valid.any()
+
+
+def test_rows_a_graph_replay_staged_beyond_its_tokens_never_reach_a_later_forward():
+    """A graph replay records every row of its padded batch (the valid-row count is frozen in the
+    graph); the copy takes only the forward's tokens, and the whole staging is cleared after it."""
+    rec = recording()
+    batch = SimpleNamespace(out_cache_loc=torch.tensor([1, 2]), out_cache_loc_virtual=None, num_token_non_padded=None)
+
+    def replay_of_a_4_row_graph():
+        for layer in (0, 1):  # what the graph's captured record calls write, at replay
+            rec.staging.record(layer, rec.positions[:4], torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7]]))
+
+    rec.run_forward(batch, replay_of_a_4_row_graph)
+    forward(rec, [10, 11, 12, 13], {1: IDS})  # eager, only the first MoE layer routed
+    rows = rec.main.gather([10, 11, 12, 13]).wait()
+    assert rows.valid.tolist() == [[True, False]] * 4  # no stale layer-1 rows from the replay
+    assert rec.main.gather([1, 2]).wait().complete
+
+
+def test_staging_is_sized_once_for_the_largest_graph_batch():
+    assert staging_rows(max_running_requests=48, chunked_prefill_size=16384, draft_tokens=None) == 16384
+    assert staging_rows(max_running_requests=2048, chunked_prefill_size=4096, draft_tokens=8) == 16384
+    assert staging_rows(max_running_requests=4, chunked_prefill_size=-1, draft_tokens=0) == 8192
 
 
 def test_freed_slots_and_weight_changes_drop_rows():
@@ -80,19 +118,34 @@ def test_capture_outside_a_forward_is_ignored():
     assert not rec.staging.gather(range(16)).wait().valid.any()
 
 
-def test_routing_is_recorded_into_cuda_graphs_captured_outside_forwards(monkeypatch):
-    """SGLang captures CUDA graphs by calling the model directly (no ModelRunner.forward); the
-    per-layer record must still be captured, with every row (padding is dropped at copy time)."""
-    import routing_replay.sglang.recording as recording_module
-
-    rec = recording()
-    monkeypatch.setattr(recording_module, "_capturing_cuda_graph", lambda: True)
+def test_routing_is_recorded_into_cuda_graphs_captured_outside_forwards():
+    """SGLang captures CUDA graphs by calling the model directly (no ModelRunner.forward), with its
+    capture-mode flag on; the per-layer record must still be captured, with every row (padding is
+    dropped at copy time), and what capture staged is cleared before the first forward."""
+    mode = CaptureMode()
+    rec = recording(capture_mode=mode)
+    mode.on = True
     rec.capture(1, torch.tensor([[0, 1], [2, 3], [4, 5]]))  # e.g. a padded graph batch of 3
     staged = rec.staging.gather([0, 1, 2]).wait()
     assert staged.valid[:, 0].tolist() == [True, True, True]
-    monkeypatch.setattr(recording_module, "_capturing_cuda_graph", lambda: False)
+    mode.on = False
     rec.capture(1, torch.tensor([[6, 7]]))  # outside capture and outside a forward: ignored
     assert rec.staging.gather([0]).wait().ids[0, 0].tolist() == [0, 1]
+    forward(rec, [30, 31, 32], {3: IDS[:3]})
+    assert rec.main.gather([30, 31, 32]).wait().valid.tolist() == [[False, True]] * 3
+
+
+def test_fused_shared_expert_columns_are_dropped():
+    """DeepSeek-V2/V3 and GLM-4.5 with fused shared experts pass top_k + 1 columns, the last one
+    the shared expert's id (num_experts); the routed columns are recorded."""
+    rec = recording(fused_shared_experts=1)
+    shared = torch.full((4, 1), 8)
+    forward(rec, [0, 1, 2, 3], {1: torch.cat([IDS, shared], 1).int(), 3: IDS.int()})  # SGLang passes either width
+    rows = rec.main.gather([0, 1, 2, 3]).wait()
+    assert rows.complete and torch.equal(rows.ids[:, 0].long(), IDS) and torch.equal(rows.ids[:, 1].long(), IDS)
+    forward(rec, [4], {1: torch.tensor([[0, 1, 8, 8]])})  # neither width: counted, the forward dropped
+    assert rec.failures.by_reason == {"capturing a layer's routing: RuntimeError": 1}
+    assert "passed 4 top-k columns" in rec.lost[4]
 
 
 # ---- failures of ours inside the scheduler -----------------------------------------------------------
@@ -157,9 +210,8 @@ def test_the_record_made_when_a_request_finishes_is_what_the_collector_receives(
     calls = counting_calls(monkeypatch, wire_format, "checksum", "token_hash")
     tokens = [11, 12, 13, 14, 15]
     with RoutingCollector() as collector:
-        rec = SchedulerRecording(RecordingOptions(record_routing=True, routing_sink=collector.address,
-                                                  routing_shm=False), CONFIG, num_slots=64, max_batch=16,
-                                 device="cpu", sends=True)
+        rec = recording(RecordingOptions(record_routing=True, routing_sink=collector.address, routing_shm=False),
+                        sends=True)
         try:
             forward(rec, [0, 1, 2], {1: IDS[:3], 3: IDS[:3]})
             forward(rec, [3], {1: IDS[3:]})  # the last row misses its second MoE layer: a mask travels
@@ -214,19 +266,42 @@ def test_a_failed_capture_or_copy_leaves_that_forwards_rows_unrecorded_and_retur
         assert not rec.staging.gather([0, 1]).wait().valid.any()  # nothing staged leaks into the next forward
     assert rec.failures.by_reason == {"capturing a layer's routing: RuntimeError": 1,
                                       "copying a forward's rows: RuntimeError": 1}
+    assert "copy_rows_from broke" in rec.lost[0]  # a request over these rows would be delivered as failed
+    rec.slots_freed(torch.tensor([0, 1]))  # SGLang frees them before it writes them again
     forward(rec, [0, 1, 2, 3], {1: IDS, 3: IDS})
     assert finish(rec, finished_request())["missing"] == 0
 
 
 def test_a_failure_while_a_cuda_graph_is_captured_is_raised(monkeypatch):
     """At start-up: SGLang must refuse to start rather than serve graphs that record nothing."""
-    import routing_replay.sglang.recording as recording_module
-
-    rec = recording()
-    monkeypatch.setattr(recording_module, "_capturing_cuda_graph", lambda: True)
+    mode = CaptureMode()
+    rec = recording(capture_mode=mode)
+    mode.on = True
     monkeypatch.setattr(rec.staging, "record", raising(RuntimeError("record broke")))
     with pytest.raises(RuntimeError, match="record broke"):
         rec.capture(1, IDS)
+
+
+def test_a_capture_error_fails_the_delivery_of_the_requests_over_those_rows_and_recording_goes_on():
+    """Bad ids from the engine: the forward's result is returned, the requests whose rows it held
+    are delivered as failed naming the reason (all rows missing), others are delivered, and the
+    slots are usable again once SGLang frees them."""
+    rec = recording()
+    assert forward(rec, [0, 1], {1: IDS[:2], 3: torch.tensor([[0, 1], [2, 9]])}) == "logits"  # expert 9 of 8
+    forward(rec, [2, 3], {1: IDS[2:], 3: IDS[2:]})
+    descriptor = finish(rec, finished_request())  # its rows sit in slots 0..3
+    assert descriptor["delivery"] == "failed" and descriptor["missing"] == 4 * 2
+    assert "topk_ids[1, 1] = 9 is not an expert id" in descriptor["error"]
+    assert set(rec.lost) == {0, 1}
+    forward(rec, [10, 11, 12, 13], {1: IDS, 3: IDS})
+    other = finished_request(rid="r2")
+    other_pool = SimpleNamespace(req_to_token=torch.arange(10, 74).view(1, 64))
+    rec.request_finished(other, other_pool, lambda: "v1")
+    assert rec.descriptor_for(other)[0]["missing"] == 0
+    rec.slots_freed(torch.tensor([0, 1]))
+    assert rec.lost == {}
+    forward(rec, [0, 1, 2, 3], {1: IDS, 3: IDS})
+    assert finish(rec, finished_request(rid="r3"))["missing"] == 0
 
 
 def test_sglangs_own_forward_failure_propagates_and_drops_what_was_staged():

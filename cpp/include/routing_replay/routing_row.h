@@ -18,7 +18,8 @@
 namespace rr {
 
 // Error kinds. The CPU backend returns the first one it finds; the CUDA backend counts them in
-// RecorderView::error_counts[kind] (index 0 unused) and the Python facade reports them at gather.
+// RecorderView::error_counts[kind] (index 0 unused; the counts only grow) and the Python facade
+// reports each gather's increase since the counts it last reported.
 enum ErrorKind : int32_t {
   kOk = 0,
   kExpertOutOfRange = 1,  // an id outside [0, num_experts) that is not the -1 padding mark
@@ -47,6 +48,7 @@ struct RecorderView {
   int32_t num_experts = 0;
   int32_t bit_words = 0;              // ceil(num_layers / 32)
   int32_t id_bytes = 1;               // 1 (uint8) or 2 (int16)
+  int32_t device = 0;                 // CUDA device index of the tensors (CUDA backend only)
 };
 
 // Calls fn(T{}) with T = Wide when `wide`, else Narrow: turns a runtime dtype into a template argument.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Union
@@ -18,6 +19,12 @@ _INDEX_BYTES = {torch.int32: 4, torch.int64: 8}
 # What torch.from_dlpack calls for a DLPack capsule, minus its Python wrapper (which costs more
 # than the native gather of one token). Looked up at import, so a torch without it fails loudly.
 _tensor_from_capsule = torch._C._from_dlpack
+
+# Set to 1 to check, on the host, that no slot repeats among one record call's real rows (a sync per
+# call; skipped inside CUDA-graph capture). Repeated slots keep the last row on CPU but mix rows on
+# CUDA, where the rows of one call are written in parallel.
+DEBUG_ENV = "ROUTING_REPLAY_DEBUG"
+_DEBUG = os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 # Error kinds of cpp/include/routing_replay/routing_row.h.
 _EXPERT_OUT_OF_RANGE, _SLOT_OUT_OF_RANGE, _PARTIAL_PADDING = 1, 2, 3
@@ -61,42 +68,82 @@ class RoutingRows:
         )
 
 
+class ErrorSnapshot:
+    """A recorder's CUDA error counts at one point of its stream, copied to pinned host memory
+    without a sync. On CPU there is nothing to copy: the CPU backend raises instead of counting."""
+
+    __slots__ = ("_counts", "_event")
+
+    def __init__(self, counts: torch.Tensor | None = None, event: torch.cuda.Event | None = None) -> None:
+        self._counts = counts
+        self._event = event
+
+    def ready(self) -> bool:
+        return self._event is None or self._event.query()
+
+    def counts(self) -> list[int]:
+        """The counts per error kind (index 0 unused); waits for the copy."""
+        if self._counts is None:
+            return [0] * native.NUM_ERROR_KINDS
+        self._event.synchronize()
+        return self._counts.tolist()
+
+
+def describe_errors(errors: dict[str, int]) -> str:
+    return ", ".join(f"{count} x {name}" for name, count in errors.items())
+
+
 class GatherHandle:
     """A gather in flight. On CUDA the copy to pinned host memory runs asynchronously on the
-    stream that was current at ``gather``; ``wait`` blocks until it lands. On CPU it is done."""
+    recorder's device's stream that was current at ``gather``; ``wait`` blocks until it lands.
+    On CPU it is done."""
 
-    __slots__ = ("_rows", "_errors", "_event", "_keepalive")
+    __slots__ = ("_rows", "_recorder", "_snapshot", "_event", "_keepalive", "_errors")
 
     def __init__(
         self,
         rows: RoutingRows,
-        error_counts: torch.Tensor | None = None,
+        recorder: RoutingRecorder | None = None,
+        snapshot: ErrorSnapshot | None = None,
         event: torch.cuda.Event | None = None,
         keepalive: tuple[torch.Tensor, ...] = (),
     ) -> None:
         self._rows = rows
-        self._errors = error_counts
+        self._recorder = recorder
+        self._snapshot = snapshot
         self._event = event
         self._keepalive = keepalive  # device staging tensors must outlive the async copy
+        self._errors: dict[str, int] | None = None
 
     def done(self) -> bool:
         return self._event is None or self._event.query()
 
-    def wait(self) -> RoutingRows:
-        """The gathered rows. Raises RoutingCaptureError if the CUDA kernels skipped bad input
-        since the previous gather."""
+    @property
+    def errors(self) -> dict[str, int]:
+        """Bad input the CUDA kernels skipped since the recorder's previous report, by kind (the
+        counts' increase; known once waited on). Always empty on CPU, which raises instead."""
+        if self._errors is None:
+            raise RuntimeError("errors are known once the gather was waited on: call wait() first")
+        return self._errors
+
+    def wait(self, check_errors: bool = True) -> RoutingRows:
+        """The gathered rows. With ``check_errors``, raises RoutingCaptureError when the CUDA
+        kernels of this recorder skipped bad input since its previous report (reported once: a
+        second handle, or a second wait, does not report them again)."""
         if self._event is not None:
             self._event.synchronize()
             self._keepalive = ()
-        if self._errors is not None:
-            counts = self._errors.tolist()
-            if any(counts):
-                found = ", ".join(f"{counts[k]} x {name}" for k, name in _ERROR_NAMES.items() if counts[k])
-                raise RoutingCaptureError(f"the CUDA recorder skipped bad input since the previous gather: {found}")
+        if self._errors is None:
+            self._errors = {} if self._recorder is None else self._recorder.take_errors(self._snapshot)
+        if check_errors and self._errors:
+            raise RoutingCaptureError(
+                f"the CUDA recorder skipped bad input since its previous report: {describe_errors(self._errors)}; "
+                "the rows of that input read back as missing"
+            )
         return self._rows
 
 
-def _check_index_tensor(name: str, t: object, ndim: int, device: torch.device) -> torch.Tensor:
+def _check_index_meta(name: str, t: object, ndim: int, device: torch.device) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise InvalidRoutingInput(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _INDEX_DTYPES:
@@ -105,9 +152,32 @@ def _check_index_tensor(name: str, t: object, ndim: int, device: torch.device) -
         raise InvalidRoutingInput(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
     if t.device != device:
         raise InvalidRoutingInput(f"{name} is on {t.device} but the recorder is on {device}")
+    return t
+
+
+def _check_index_tensor(name: str, t: object, ndim: int, device: torch.device) -> torch.Tensor:
+    t = _check_index_meta(name, t, ndim, device)
     if not t.is_contiguous():
         raise InvalidRoutingInput(f"{name} must be contiguous (call .contiguous())")
     return t
+
+
+def _check_topk_ids(t: object, top_k: int, device: torch.device) -> torch.Tensor:
+    """``[N, top_k]`` int32/int64 ids on ``device``. Each row must be contiguous, but rows may be spaced wider: a column slice such as SGLang's
+    ``topk_ids[:, :top_k]`` (dropping fused shared-expert columns) is recorded without a copy."""
+    t = _check_index_meta("topk_ids", t, 2, device)
+    if t.shape[1] != top_k:
+        raise InvalidRoutingInput(f"topk_ids has {t.shape[1]} columns, the layout's top_k is {top_k}")
+    if t.shape[0] > 1 and not t.is_contiguous() and ((t.stride(1) != 1 and top_k > 1) or t.stride(0) < top_k):
+        raise InvalidRoutingInput(
+            f"topk_ids' rows must each be contiguous, got strides {t.stride()} (call .contiguous())"
+        )
+    return t
+
+
+def _row_stride(topk_ids: torch.Tensor) -> int:
+    """Elements from one row of ``topk_ids`` to the next (validated by ``_check_topk_ids``)."""
+    return topk_ids.stride(0) if topk_ids.shape[0] > 1 else topk_ids.shape[1]
 
 
 class RoutingRecorder:
@@ -136,7 +206,25 @@ class RoutingRecorder:
         self.ids = torch.zeros((num_slots, layout.num_layers, layout.top_k), dtype=layout.dtype, device=self.device)
         self.valid_bits = torch.zeros((num_slots, layout.valid_words), dtype=torch.int32, device=self.device)
         self.error_counts = torch.zeros(native.NUM_ERROR_KINDS, dtype=torch.int64, device=self.device)
+        """CUDA only: rows skipped per error kind; the counts only grow (``take_errors`` reports deltas)."""
+        self._reported = [0] * native.NUM_ERROR_KINDS
         self._view = make_view(self._backend, self.ids, self.valid_bits, self.error_counts, layout.num_experts)
+        if not self._on_cpu:
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Launches every kernel this recorder can run once, outside any graph: CUDA loads kernels
+        lazily at their first launch, which must not happen inside a CUDA-graph capture. Writes
+        nothing (padding rows) or rewrites slot 0 with itself."""
+        if torch.cuda.is_current_stream_capturing():
+            raise InvalidRoutingInput("create recorders outside CUDA-graph capture (they allocate and warm up)")
+        for slot_dtype in _INDEX_DTYPES:
+            for id_dtype in _INDEX_DTYPES:
+                padding = torch.full((1, self.layout.top_k), -1, dtype=id_dtype, device=self.device)
+                self.record(0, torch.zeros(1, dtype=slot_dtype, device=self.device), padding)
+        self.copy_rows_from(self, [0], [0])
+        self.gather([0]).wait(check_errors=False)
+        torch.cuda.synchronize(self.device)
 
     @property
     def nbytes(self) -> int:
@@ -154,18 +242,21 @@ class RoutingRecorder:
 
         Rows whose ids are all -1 (engine padding) are skipped, and so is every row at or past
         ``valid_rows`` (an int, or a one-element int tensor on the recorder's device whose value
-        may change between CUDA-graph replays). On CPU bad input raises InvalidRoutingInput and
-        nothing is written; on CUDA the call never syncs, bad rows are skipped and counted, and
-        the next ``gather(...).wait()`` raises RoutingCaptureError.
+        may change between CUDA-graph replays; an int is frozen into a captured graph). On CPU bad
+        input raises InvalidRoutingInput and nothing is written; on CUDA the call never syncs, bad
+        rows are skipped and counted, and the next ``gather(...).wait()`` raises RoutingCaptureError.
+        Each row of ``topk_ids`` must be contiguous; rows may be spaced wider (a column slice).
+        A slot must not repeat among one call's real rows: the CPU keeps the last such row, CUDA
+        mixes them; ``ROUTING_REPLAY_DEBUG=1`` checks it (a sync per call).
         """
         self._check_layer(layer_id)
         _check_index_tensor("slots", slots, 1, self.device)
-        _check_index_tensor("topk_ids", topk_ids, 2, self.device)
-        if topk_ids.shape[1] != self.layout.top_k:
-            raise InvalidRoutingInput(f"topk_ids has {topk_ids.shape[1]} columns, the layout's top_k is {self.layout.top_k}")
+        _check_topk_ids(topk_ids, self.layout.top_k, self.device)
         if slots.shape[0] != topk_ids.shape[0]:
             raise InvalidRoutingInput(f"slots has {slots.shape[0]} rows but topk_ids has {topk_ids.shape[0]}")
         n_rows, valid_tensor = self._resolve_valid_rows(valid_rows, topk_ids.shape[0])
+        if _DEBUG:
+            _check_slots_unique(slots, topk_ids, n_rows, valid_tensor)
         if torch.compiler.is_compiling():
             torch.ops.routing_replay.record(
                 self.ids, self.valid_bits, self.error_counts, slots, topk_ids, valid_tensor, layer_id,
@@ -178,7 +269,7 @@ class RoutingRecorder:
         """Starts copying the rows of ``slots`` (in order) to the host; ``.wait()`` returns RoutingRows.
 
         Raises InvalidRoutingInput for a slot outside the recorder (on CUDA: RoutingCaptureError at
-        ``wait``, the kernel skips and counts it).
+        ``wait``, the kernel skips and counts it; the row reads back as missing).
         """
         slots, slots_bytes = self._slots_on_device(slots)
         n = slots.shape[0]
@@ -192,17 +283,35 @@ class RoutingRecorder:
         rows = self._empty_rows(n, self.device)
         self._call("gather", slots, slots_bytes, rows.ids.data_ptr(), rows.valid.data_ptr())
         host = self._empty_rows(n, torch.device("cpu"), pin_memory=True)
-        host_errors = torch.empty(self.error_counts.shape, dtype=torch.int64, pin_memory=True)
         host.ids.copy_(rows.ids, non_blocking=True)
         host.valid.copy_(rows.valid, non_blocking=True)
-        host_errors.copy_(self.error_counts, non_blocking=True)
-        self.error_counts.zero_()  # stream-ordered after the snapshot: each error is reported once
+        snapshot = self.error_snapshot()  # after the gather kernel: its bad slots are counted in it
+        return GatherHandle(host, self, snapshot, snapshot._event, keepalive=(rows.ids, rows.valid, slots))
+
+    def error_snapshot(self) -> ErrorSnapshot:
+        """Starts copying the error counts to the host, ordered after the work queued so far on
+        the current stream of the recorder's device; never syncs."""
+        if self._on_cpu:
+            return ErrorSnapshot()
+        counts = torch.empty(self.error_counts.shape, dtype=torch.int64, pin_memory=True)
+        counts.copy_(self.error_counts, non_blocking=True)
         event = torch.cuda.Event()
-        event.record()
-        return GatherHandle(host, host_errors, event, keepalive=(rows.ids, rows.valid, slots))
+        event.record(torch.cuda.current_stream(self.device))
+        return ErrorSnapshot(counts, event)
+
+    def take_errors(self, snapshot: ErrorSnapshot) -> dict[str, int]:
+        """What ``snapshot`` counted beyond the counts reported so far, by kind, and marks it
+        reported (waits for the snapshot's copy). The counts on the device only grow, so no
+        count is lost to a reset racing a kernel on another stream; snapshots taken in any order
+        report each error once."""
+        counts = snapshot.counts()
+        errors = {name: counts[k] - self._reported[k] for k, name in _ERROR_NAMES.items() if counts[k] > self._reported[k]}
+        self._reported = [max(seen, now) for seen, now in zip(self._reported, counts)]
+        return errors
 
     def reset(self, slots: SlotsLike) -> None:
-        """Marks every layer of ``slots`` unwritten (the engine freed those KV slots)."""
+        """Marks every layer of ``slots`` unwritten (the engine freed those KV slots). A slot outside
+        the recorder raises InvalidRoutingInput on CPU; on CUDA it is skipped and counted."""
         self._call("reset", *self._slots_on_device(slots))
 
     def clear(self) -> None:
@@ -279,7 +388,7 @@ def make_view(backend, ids: torch.Tensor, valid_bits: torch.Tensor, error_counts
     """The native RecorderView over a recorder's three tensors."""
     return backend.RecorderView(
         ids.data_ptr(), valid_bits.data_ptr(), error_counts.data_ptr(), ids.shape[0], ids.shape[1],
-        ids.shape[2], num_experts, ids.element_size(),
+        ids.shape[2], num_experts, ids.element_size(), ids.device.index or 0,
     )
 
 
@@ -291,9 +400,24 @@ def launch_record(
     valid_ptr, valid_bytes = (0, 8) if valid_rows is None else (valid_rows.data_ptr(), valid_rows.element_size())
     error = backend.record(
         view, layer_id, slots.data_ptr(), slots.element_size(), topk_ids.data_ptr(), topk_ids.element_size(),
-        n_rows, valid_ptr, valid_bytes, native.stream_handle(device),
+        _row_stride(topk_ids), n_rows, valid_ptr, valid_bytes, native.stream_handle(device),
     )
     raise_call_error(error, view.num_slots, view.num_experts)
+
+
+def _check_slots_unique(slots: torch.Tensor, topk_ids: torch.Tensor, n_rows: int,
+                        valid_rows: torch.Tensor | None) -> None:
+    """Debug mode: InvalidRoutingInput when a slot repeats among the real (not padding) rows."""
+    if slots.is_cuda and torch.cuda.is_current_stream_capturing():
+        return  # reading values would sync, which a capture forbids
+    if valid_rows is not None:
+        n_rows = max(0, min(int(valid_rows.reshape(())), n_rows))
+    real = slots[:n_rows][topk_ids[:n_rows, 0] != -1]
+    values, counts = real.unique(return_counts=True)
+    if (counts > 1).any():
+        slot = int(values[counts > 1][0])
+        raise InvalidRoutingInput(f"slot {slot} appears in {int(counts[counts > 1][0])} rows of one record call "
+                                  f"({DEBUG_ENV} check): each slot takes one row per call")
 
 
 def raise_call_error(error: tuple[int, int, int, int], num_slots: int, num_experts: int) -> None:

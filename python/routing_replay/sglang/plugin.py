@@ -2,25 +2,29 @@
 
 SGLang calls it in every one of its processes before it parses arguments or builds a scheduler.
 It applies the CPU workarounds there (``cpu_workarounds.apply``, only without a GPU: the one place
-SGLang processes get them) and registers AROUND hooks (``HookRegistry``); nothing else in SGLang
-is replaced. Each hook acts only in the process where its target runs (every target, with the
+SGLang processes get them) and registers AROUND hooks (``HookRegistry``); besides them only SGLang's
+routed-experts capturer slot is filled, in a recording scheduler. Each hook acts only in the process where its target runs (every target, with the
 signature it relies on, is listed in ``docs/integration-surface.md``):
 
-launcher   ``ServerArgs.add_cli_args`` / ``from_cli_args``: the ``--record-routing`` flags;
+launcher   ``ServerArgs.add_cli_args`` / ``from_cli_args``: the ``--record-routing`` flags, and
+           refuses flags whose routing cannot be recorded (``refusals.check_server_args``);
            ``engine._wait_for_scheduler_ready``: refuses to serve when recording was asked for but
            a scheduler did not report it live (SGLang logs and ignores a failing plugin or hook).
 tokenizer  ``TokenizerManager._validate_one_request`` (every endpoint) and ``/generate``'s
            ``generate_contract_error`` (before a stream starts): a request asking for routing from
            a server that is not recording, or with malformed parameters, gets HTTP 400.
-scheduler  ``Scheduler.__init__`` builds the recording; ``Scheduler.get_init_info`` reports it;
-           ``Scheduler.get_output_streamer_class`` picks an output streamer that attaches the
-           descriptor to ``meta_info["routing_replay"]``; the KV allocators' ``free`` / ``clear``
+scheduler  ``ModelRunner.init_routed_experts_capturer`` (the target model's, once the model and KV
+           pool exist, before any CUDA graph is captured) refuses models and server flags we cannot
+           record (``refusals``), builds the recording and puts ``RoutedExpertsRecorder`` in
+           SGLang's routed-experts capturer slot: every capture call of every MoE path reaches it,
+           and it hands them on to SGLang's own capturer when that is on too;
+           ``Scheduler.__init__`` notes the KV allocator; ``Scheduler.get_init_info`` reports the
+           recording; ``Scheduler.get_output_streamer_class`` picks an output streamer that attaches
+           the descriptor to ``meta_info["routing_replay"]``; the KV allocators' ``free`` / ``clear``
            reset the rows of slots the scheduler's allocator frees; ``ModelRunner.forward`` scopes
-           each forward; ``capture_routed_experts_if_allowed`` is SGLang's single capture site for
-           every MoE backend (logical expert ids, before the expert-location remap); the result
-           processor's ``_maybe_collect_routed_experts`` runs when a request finishes, before its
-           KV is released; the weight updater's ``flush_cache_after_weight_update`` drops rows of
-           the old weights.
+           each forward; the result processor's ``_maybe_collect_routed_experts`` runs when a
+           request finishes, before its KV is released; the weight updater's
+           ``flush_cache_after_weight_update`` drops rows of the old weights.
            None of these lets an exception of ours into the scheduler (``SchedulerRecording.attempt``).
 """
 
@@ -64,8 +68,8 @@ def _hooks() -> dict[str, Any]:
         "managers.scheduler.Scheduler.__init__": _scheduler_init,
         "managers.scheduler.Scheduler.get_init_info": _scheduler_init_info,
         "managers.scheduler.Scheduler.get_output_streamer_class": _output_streamer_class,
+        "model_executor.model_runner.ModelRunner.init_routed_experts_capturer": _init_capturer,
         "model_executor.model_runner.ModelRunner.forward": _model_forward,
-        "layers.moe.topk.capture_routed_experts_if_allowed": _capture,
         "managers.scheduler_components.batch_result_processor.SchedulerBatchResultProcessor"
         "._maybe_collect_routed_experts": _request_finished,
         "managers.scheduler_components.weight_updater.SchedulerWeightUpdaterManager"
@@ -84,8 +88,17 @@ def _add_cli_args(original, parser):
 
 
 def _from_cli_args(original, cls, args):
-    opts.publish(opts.from_namespace(args))  # before SGLang spawns its scheduler processes
-    return original(cls, args)
+    from routing_replay.sglang.refusals import RecordingRefused, check_server_args
+
+    options = opts.from_namespace(args)
+    server_args = original(cls, args)
+    if options.record_routing:
+        try:  # at once, in the launcher: a refused flag never starts a scheduler
+            check_server_args(server_args)
+        except RecordingRefused as exc:
+            raise SystemExit(str(exc)) from None
+    opts.publish(options)  # before SGLang spawns its scheduler processes
+    return server_args
 
 
 def _wait_for_scheduler_ready(original, *args, **kwargs):
@@ -150,39 +163,74 @@ def _custom_params(sampling: Any) -> Any:
 
 
 def _scheduler_init(original, self, *args, **kwargs):
+    """Notes the scheduler's KV allocator, whose frees reset rows (the recording itself was built
+    while the model runner initialised, see ``_init_capturer``)."""
+    original(self, *args, **kwargs)
+    global _allocator
+    if _recording is not None:
+        _allocator = self.token_to_kv_pool_allocator
+
+
+def _init_capturer(original, self, *args, **kwargs):
+    """Builds the recording and takes SGLang's routed-experts capturer slot. SGLang calls this once
+    the model and KV pool exist and before it captures any CUDA graph, so the graphs record, every
+    caller of the capturer (top-k, fused gates, models that call it directly) reaches us, and the
+    fused paths SGLang takes only without a capturer stay off. A draft worker keeps none."""
     original(self, *args, **kwargs)
     options = opts.current()
-    if not options.record_routing:
+    if not options.record_routing or self.is_draft_worker:
         return
-    global _recording, _allocator
+    global _recording
+    from sglang.srt.model_executor.runner_utils.capture_mode import get_is_capture_mode
     from sglang.srt.runtime_context import get_parallel
+    from sglang.srt.state_capturer.routed_experts import get_global_experts_capturer, set_global_experts_capturer
 
-    from routing_replay.sglang.recording import SchedulerRecording
+    from routing_replay.sglang.recording import SchedulerRecording, staging_rows
+    from routing_replay.sglang.refusals import check_model
 
+    model, hf_config, server_args = self.model, self.model_config.hf_text_config, self.server_args
+    check_model(model, hf_config, server_args)
+    if _recording is not None:  # a re-initialised model runner: its rows and graphs start afresh
+        _recording.close()
     allocator = self.token_to_kv_pool_allocator
-    check_router_layers(self.tp_worker.model_runner.model, self.model_config.hf_text_config)
     _recording = SchedulerRecording(
-        options, self.model_config.hf_text_config, num_slots=allocator.size + allocator.page_size,
-        max_batch=max(self.max_running_requests, getattr(self, "chunked_prefill_size", 0) or 0, 8192),
+        options, hf_config, num_slots=allocator.size + allocator.page_size,
+        max_batch=staging_rows(self.max_running_requests, server_args.chunked_prefill_size,
+                               server_args.speculative_num_draft_tokens),
         device=self.device, sends=get_parallel().attn_tp_rank == 0,  # one sender per data-parallel group
+        fused_shared_experts=model.shared_experts_config.num_fused_shared_experts,
+        in_graph_capture=get_is_capture_mode,
     )
-    _allocator = allocator
+    set_global_experts_capturer(RoutedExpertsRecorder(get_global_experts_capturer(), _recording))
 
 
-def check_router_layers(model: Any, hf_config: Any) -> None:
-    """Routing rows are indexed by the checkpoint's MoE layers (what the trainer builds); refuse to
-    record when SGLang's model routes other layers (e.g. it ignores ``mlp_only_layers``)."""
-    from sglang.srt.layers.moe.topk import TopK
+class RoutedExpertsRecorder:
+    """What SGLang finds in its routed-experts capturer slot while we record: it records every
+    ``capture`` call and hands all calls on to SGLang's own capturer when that is on too
+    (``--enable-return-routed-experts``), which then works as without us."""
 
-    from routing_replay.models import moe_layer_ids
+    def __init__(self, sglang_capturer: Any, recording: Any) -> None:
+        self.sglang_capturer = sglang_capturer
+        self.recording = recording
 
-    engine = sorted({m.layer_id for m in model.modules() if isinstance(m, TopK) and not getattr(m, "is_draft", False)})
-    checkpoint = moe_layer_ids(hf_config)
-    if engine != checkpoint:
-        raise RuntimeError(
-            f"routing-replay: SGLang routes layers {engine} but the checkpoint's config has MoE layers "
-            f"{checkpoint}; rows could not be matched to the trainer's routers, so recording is refused"
-        )
+    def capture(self, layer_id: int, topk_indices: Any) -> None:
+        if self.sglang_capturer is not None:
+            self.sglang_capturer.capture(layer_id=layer_id, topk_indices=topk_indices)
+        self.recording.capture(layer_id, topk_indices)
+
+    def on_forward_end(self, **kwargs: Any) -> Any:
+        return None if self.sglang_capturer is None else self.sglang_capturer.on_forward_end(**kwargs)
+
+    def get_topk(self, **kwargs: Any) -> Any:
+        return None if self.sglang_capturer is None else self.sglang_capturer.get_topk(**kwargs)
+
+    def destroy(self) -> None:
+        if self.sglang_capturer is not None:
+            self.sglang_capturer.destroy()
+
+    def __repr__(self) -> str:
+        inner = type(self.sglang_capturer).__name__ if self.sglang_capturer is not None else "none"
+        return f"RoutedExpertsRecorder(SGLang's own capturer: {inner})"
 
 
 def _allocator_free(original, self, free_index, *args, **kwargs):
@@ -204,7 +252,9 @@ def _allocator_clear(original, self, *args, **kwargs):
 def _scheduler_init_info(original, self, *args, **kwargs):
     info = original(self, *args, **kwargs)
     if _recording is not None:
-        info[META_KEY] = _recording.status()
+        from sglang.srt.state_capturer.routed_experts import get_global_experts_capturer
+
+        info[META_KEY] = {**_recording.status(), "capturer": repr(get_global_experts_capturer())}
     return info
 
 
@@ -239,12 +289,6 @@ def _model_forward(original, self, forward_batch, *args, **kwargs):
     if _recording is None or self.is_draft_worker:
         return original(self, forward_batch, *args, **kwargs)
     return _recording.run_forward(forward_batch, lambda: original(self, forward_batch, *args, **kwargs))
-
-
-def _capture(original, topk_config, layer_id, topk_ids, *args, **kwargs):
-    original(topk_config, layer_id, topk_ids, *args, **kwargs)
-    if _recording is not None and topk_config.allow_routed_experts_capture:
-        _recording.capture(layer_id, topk_ids)
 
 
 def _request_finished(original, self, req, *args, **kwargs):

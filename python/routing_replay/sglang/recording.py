@@ -43,6 +43,7 @@ import msgspec
 import torch
 
 from routing_replay.capture import RoutingLayout, RoutingRecorder, RoutingRows
+from routing_replay.capture.recorder import ErrorSnapshot, describe_errors
 from routing_replay.models import moe_layer_ids
 from routing_replay.sglang.options import REQUEST_KEY, RecordingOptions, RoutingRequest
 from routing_replay.wire import RoutingRecord, RoutingSender, SenderConfig, SenderFull
@@ -82,10 +83,32 @@ _MAX_ERROR_CHARS = 500  # of an exception's text in a descriptor
 class _Forward:
     tokens: int
     valid_rows: int | torch.Tensor
-    slots: torch.Tensor | None = None  # None while a CUDA graph is captured: no copy follows
+    slots: torch.Tensor | None = None  # None while SGLang captures graphs: no copy follows
     positions: torch.Tensor | None = None
     started: float = 0.0
-    failed: bool = False  # its rows are dropped, never copied in part
+    direct: bool = False
+    """Recorded straight into the main recorder at ``slots``: an eager forward larger than the
+    staging buffer (never a graph: graph batches are bounded when the staging is sized)."""
+    error: str | None = None
+    """Why its rows are dropped (never copied in part), once something failed."""
+
+
+@dataclass
+class _ForwardCheck:
+    """The CUDA recorders' error counts after one forward, on their way to the host: bad rows the
+    kernels skipped are counted, not raised, so a forward's failure is known only later."""
+
+    slots: torch.Tensor
+    snapshots: tuple[tuple[RoutingRecorder, ErrorSnapshot], ...]
+
+    def ready(self) -> bool:
+        return all(snapshot.ready() for _, snapshot in self.snapshots)
+
+    def errors(self) -> dict[str, int]:
+        found: Counter[str] = Counter()
+        for recorder, snapshot in self.snapshots:
+            found.update(recorder.take_errors(snapshot))
+        return dict(found)
 
 
 @dataclass
@@ -112,6 +135,17 @@ class _Span:
         return cls(params.delivery_key(req.rid), tokens, min(params.start_len, max(len(tokens) - 1, 0)))
 
 
+_MIN_STAGING_ROWS = 8192
+
+
+def staging_rows(max_running_requests: int, chunked_prefill_size: int | None, draft_tokens: int | None) -> int:
+    """Rows of the staging recorder, fixed at start-up before SGLang captures any graph: every graph
+    batch (decode: up to ``max_running_requests`` requests, each verifying ``draft_tokens`` under
+    speculative decoding; prefill: up to a chunk) and most eager forwards fit. A larger eager forward
+    records straight into the main recorder; a larger graph batch fails SGLang's start-up, naming it."""
+    return max(max_running_requests * max(draft_tokens or 1, 1), chunked_prefill_size or 0, _MIN_STAGING_ROWS)
+
+
 class Failures:
     """Our exceptions inside SGLang's scheduler, counted by reason (what failed and the exception
     type). The first of each reason is logged with its traceback, later ones rate-limited."""
@@ -136,20 +170,33 @@ class Failures:
         return error
 
 
-def _capturing_cuda_graph() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
 class SchedulerRecording:
     """The recorders, the sender and the per-request descriptors of one scheduler process."""
 
     def __init__(self, options: RecordingOptions, hf_config: Any, num_slots: int, max_batch: int,
-                 device: str, sends: bool) -> None:
+                 device: str, sends: bool, fused_shared_experts: int, in_graph_capture: Callable[[], bool]) -> None:
+        """``max_batch``: the most tokens one graph-replayed forward can hold (the staging is sized for
+        it once, before any graph is captured, and never replaced: captured graphs keep its address).
+        ``fused_shared_experts``: the columns SGLang appends to top-k ids for fused shared experts
+        (dropped). ``in_graph_capture``: SGLang's own capture-mode flag."""
         self.options = options
         self.layout = RoutingLayout.from_hf_config(hf_config)
         self.router_of_layer = {layer: i for i, layer in enumerate(moe_layer_ids(hf_config))}
+        self.fused_shared_experts = fused_shared_experts
+        self.in_graph_capture = in_graph_capture
         self.main = RoutingRecorder(self.layout, num_slots, device)
-        self._staging_for(max_batch)
+        self.staging = RoutingRecorder(self.layout, max_batch, device)
+        self.positions = torch.arange(max_batch, device=self.main.device)
+        self._staging_dirty = False  # rows recorded outside a forward (graph capture) await a clear
+        self._counts_errors = self.main.device.type == "cuda"  # the CPU backend raises instead
+        # CUDA: gathers run on a stream of their own, ordered after the last forward's copy only, so
+        # a finishing request never waits behind a forward SGLang has queued since (overlap scheduling).
+        self._delivery_stream = torch.cuda.Stream(self.main.device) if self._counts_errors else None
+        self._rows_written: torch.cuda.Event | None = None
+        self._checks: list[_ForwardCheck] = []
+        self.lost: dict[int, str] = {}
+        """Slots whose rows a capture error lost, with the reason; a request over any of them is
+        delivered as failed. Cleared when the slot is freed."""
         self.sender = self._make_sender() if sends else None
         self.descriptors: dict[str, dict] = {}
         self.forward_context: _Forward | None = None
@@ -170,11 +217,6 @@ class SchedulerRecording:
             sender.connect(self.options.routing_sink)
         return sender
 
-    def _staging_for(self, tokens: int) -> None:
-        staging = RoutingRecorder(self.layout, tokens, self.main.device)
-        positions = torch.arange(tokens, device=self.main.device)
-        self.staging, self.positions = staging, positions  # both or neither, should allocating fail
-
     def status(self) -> dict:
         """Reported to the launcher at start-up: proof that recording is live in this process."""
         return {"pid": os.getpid(), "layout": [self.layout.num_layers, self.layout.top_k, self.layout.num_experts],
@@ -191,7 +233,7 @@ class SchedulerRecording:
         try:
             yield attempt
         except Exception as exc:  # noqa: BLE001 - counted, logged and reported in the descriptors
-            if _capturing_cuda_graph():
+            if self.in_graph_capture():
                 raise
             attempt.error = self.failures.count(what, exc)
 
@@ -210,8 +252,8 @@ class SchedulerRecording:
         self.forward_context = forward
         try:
             return run()
-        except BaseException:
-            forward.failed = True
+        except BaseException as exc:
+            forward.error = f"SGLang's forward raised {type(exc).__name__}"
             raise
         finally:
             self.forward_context = None
@@ -223,36 +265,42 @@ class SchedulerRecording:
         if self.broken:
             return None
         with self.attempt("preparing a forward"):
+            self._settle_checks(block=False)
+            if self._staging_dirty:
+                self._clear_staging()
             slots = forward_batch.out_cache_loc_virtual
             if slots is None:
                 slots = forward_batch.out_cache_loc
             if slots is None or slots.numel() == 0:
                 return None
             tokens = slots.shape[0]
-            if tokens > self.staging.num_slots:
-                self._staging_for(tokens)  # eager forwards only: graph batches are bounded at capture
             padded = forward_batch.num_token_non_padded
             valid = padded if isinstance(padded, torch.Tensor) and padded.device == self.main.device else tokens
-            return _Forward(tokens, valid, slots, self.positions[:tokens], time.perf_counter())
+            direct = tokens > self.staging.num_slots
+            return _Forward(tokens, valid, slots, None if direct else self.positions[:tokens], time.perf_counter(),
+                            direct=direct)
         return None
 
     def _end_forward(self, forward: _Forward) -> None:
-        """Copies the staged rows to the forward's slots (or drops them all if any step failed), then
-        clears the staging."""
+        """Copies the staged rows to the forward's slots (or drops them all if any step failed, and
+        marks the slots lost), then clears the staging."""
         copy_started = time.perf_counter()
-        if not forward.failed:
+        if forward.error is None and not forward.direct:
             with self.attempt("copying a forward's rows") as copying:
                 self.main.copy_rows_from(self.staging, forward.positions, forward.slots)
-            forward.failed = copying.error is not None
-        if forward.failed:
-            with self.attempt("dropping a failed forward's rows") as dropping:
-                self.main.reset(forward.slots)
-            if dropping.error:
-                self._break(dropping.error)  # part of a forward's rows would be delivered as whole
-        with self.attempt("clearing the staged rows") as clearing:
-            self.staging.reset(forward.positions)
-        if clearing.error:
-            self._break(clearing.error)  # this forward's rows would be copied as the next one's
+            forward.error = copying.error
+        if forward.error is None and self._counts_errors:
+            with self.attempt("checking a forward's capture errors") as checking:
+                self._checks.append(_ForwardCheck(forward.slots, self._error_snapshots(forward)))
+            forward.error = checking.error
+        if forward.error is not None:
+            self._drop_forward(forward.slots, forward.error)
+        if not forward.direct:
+            self._clear_staging()
+        if self._counts_errors:
+            with self.attempt("marking a forward's rows written"):
+                self._rows_written = torch.cuda.Event()
+                self._rows_written.record(torch.cuda.current_stream(self.main.device))
         if self.profile_path:
             with self.attempt("writing the profile"):
                 done = time.perf_counter()
@@ -262,32 +310,82 @@ class SchedulerRecording:
                 if self.profile.forwards % 20 == 0:
                     self.profile.dump(self.profile_path)
 
+    def _error_snapshots(self, forward: _Forward) -> tuple[tuple[RoutingRecorder, ErrorSnapshot], ...]:
+        recorders = (self.main,) if forward.direct else (self.staging, self.main)
+        return tuple((recorder, recorder.error_snapshot()) for recorder in recorders)
+
+    def _drop_forward(self, slots: torch.Tensor, error: str) -> None:
+        """Resets a failed forward's rows (part of them would be delivered as whole) and marks its
+        slots lost, so the requests over them are delivered as failed, naming ``error``."""
+        with self.attempt("dropping a failed forward's rows") as dropping:
+            self.main.reset(slots)
+            self.lost.update(dict.fromkeys(slots.tolist(), error))
+        if dropping.error:
+            self._break(dropping.error)
+
+    def _clear_staging(self) -> None:
+        """Marks the whole staging unwritten: a graph replay records every padded row of its batch,
+        beyond the forward's tokens, and none of those may be copied as a later forward's."""
+        with self.attempt("clearing the staged rows") as clearing:
+            self.staging.clear()
+            self._staging_dirty = False
+        if clearing.error:
+            self._break(clearing.error)  # this forward's rows would be copied as the next one's
+
+    def _settle_checks(self, block: bool) -> None:
+        """Reads the error counts of finished forwards, oldest first (all of them with ``block``),
+        and drops the rows of each forward whose kernels skipped bad input."""
+        while self._checks and (block or self._checks[0].ready()):
+            check = self._checks.pop(0)
+            errors = check.errors()
+            if errors:
+                self._drop_forward(check.slots, f"the CUDA recorder skipped bad input in a forward: "
+                                                f"{describe_errors(errors)}")
+
     def capture(self, layer_id: int | None, topk_ids: torch.Tensor) -> None:
         context = self.forward_context
-        if context is None and not _capturing_cuda_graph():
+        capturing_graphs = context is None and self.in_graph_capture()
+        if context is None and not capturing_graphs:
             return  # not a forward of the target model (draft model, warm-up outside forwards)
-        if context is not None and context.failed:
+        if context is not None and context.error is not None:
             return
         with self.attempt("capturing a layer's routing") as capturing:
-            if context is None:
-                # SGLang captures its CUDA graphs by calling the model directly, outside
+            if capturing_graphs:
+                # SGLang captures its graphs by calling the model directly, outside
                 # ModelRunner.forward: record every row into the graph; each replay's run_forward
                 # then copies only the forward's real rows, so padded rows never reach the recorder.
                 context = _Forward(topk_ids.shape[0], topk_ids.shape[0])
+                self._staging_dirty = True
             router = self.router_of_layer.get(layer_id)
             if router is None:
                 raise RuntimeError(f"routing-replay: layer {layer_id} routed tokens but the model config "
                                    f"says its MoE layers are {sorted(self.router_of_layer)}")
-            rows = topk_ids.shape[0]
-            if rows > self.staging.num_slots:
-                raise RuntimeError(f"routing-replay: {rows} routed rows exceed the staging buffer of "
-                                   f"{self.staging.num_slots} (forward of {context.tokens} tokens)")
+            topk_ids = self._routed_columns(topk_ids)
             started = time.perf_counter() if self.profile_path else 0.0
-            self.staging.record(router, self.positions[:rows], topk_ids, valid_rows=context.valid_rows)
+            if context.direct:
+                self.main.record(router, context.slots[: topk_ids.shape[0]], topk_ids, valid_rows=context.valid_rows)
+            else:
+                rows = topk_ids.shape[0]
+                if rows > self.staging.num_slots:
+                    raise RuntimeError(f"routing-replay: a graph batch of {rows} rows exceeds the staging buffer "
+                                       f"of {self.staging.num_slots} rows sized at start-up")
+                self.staging.record(router, self.positions[:rows], topk_ids, valid_rows=context.valid_rows)
             if self.profile_path:
                 self.profile.capture_s += time.perf_counter() - started
-        if capturing.error:
-            context.failed = True  # outside graph capture, so context is this forward's
+        if capturing.error and self.forward_context is not None:
+            self.forward_context.error = capturing.error  # outside graph capture: this forward's
+
+    def _routed_columns(self, topk_ids: torch.Tensor) -> torch.Tensor:
+        """The routed experts' columns: SGLang appends one column per fused shared expert (its id is
+        num_experts) on paths that fuse them (DeepSeek-V2/V3, GLM-4.5 on CUDA); they are dropped by a
+        view, not a copy."""
+        width, top_k = topk_ids.shape[1], self.layout.top_k
+        if width == top_k:
+            return topk_ids
+        if width == top_k + self.fused_shared_experts:
+            return topk_ids[:, :top_k]
+        raise RuntimeError(f"routing-replay: SGLang passed {width} top-k columns; the model routes {top_k} experts "
+                           f"per token plus {self.fused_shared_experts} fused shared expert(s)")
 
     # ---- lifecycle --------------------------------------------------------------------------------
 
@@ -295,10 +393,14 @@ class SchedulerRecording:
         with self.attempt("resetting freed slots") as resetting:
             if slots.numel():
                 self.main.reset(slots)
+                if self.lost:  # reading the slots syncs: only after a capture error
+                    for slot in slots.tolist():
+                        self.lost.pop(slot, None)
         if resetting.error:
             self._drop_all_rows()  # the freed slots' rows would be delivered as their next owner's
 
     def cache_cleared(self) -> None:
+        self.lost.clear()  # every slot is free
         self._drop_all_rows()
 
     def weights_changed(self) -> None:
@@ -326,8 +428,15 @@ class SchedulerRecording:
             if self.broken:
                 self.descriptors[req.rid] = self._failed(self.broken, span)
                 return
-            slots = req_to_token_pool.req_to_token[req.kv.req_pool_idx, span.start : span.start + span.rows]
-            rows = self.main.gather(slots.to(torch.int64)).wait()
+            with self._on_delivery_stream():
+                slots = req_to_token_pool.req_to_token[req.kv.req_pool_idx, span.start : span.start + span.rows]
+                handle = self.main.gather(slots.to(torch.int64))
+            self._settle_checks(block=True)  # every forward that wrote these rows ran before the gather
+            rows = handle.wait(check_errors=False)
+            lost = self._lost_reasons(slots, handle.errors)
+            if lost:
+                self.descriptors[req.rid] = self._failed(f"routing of this request was lost: {lost}", span)
+                return
             self.descriptors[req.rid] = self._deliver(params, span, rows, weight_version())
             if self.profile_path:
                 with self.attempt("writing the profile"):
@@ -337,6 +446,27 @@ class SchedulerRecording:
         if delivering.error:
             with self.attempt("reporting a failed delivery"):  # else descriptor_for says it had none
                 self.descriptors[req.rid] = self._failed(delivering.error, span)
+
+    @contextmanager
+    def _on_delivery_stream(self) -> Iterator[None]:
+        """CUDA: makes the delivery stream current, ordered after the last forward's copy (which
+        wrote every row of a request finishing now). A no-op on CPU."""
+        if self._delivery_stream is None:
+            yield
+            return
+        if self._rows_written is not None:
+            self._delivery_stream.wait_event(self._rows_written)
+        with torch.cuda.stream(self._delivery_stream):
+            yield
+
+    def _lost_reasons(self, slots: torch.Tensor, gather_errors: dict[str, int]) -> str:
+        """Why some of ``slots``' rows were lost to capture errors ("" when none were)."""
+        reasons = []
+        if gather_errors:
+            reasons.append(f"the CUDA recorder skipped bad input: {describe_errors(gather_errors)}")
+        if self.lost:
+            reasons.extend(dict.fromkeys(self.lost[slot] for slot in slots.tolist() if slot in self.lost))
+        return "; ".join(reasons)
 
     def with_descriptors(self, info: dict, reqs: list) -> dict:
         """SGLang's per-batch customized output ``info`` plus each request's descriptor entry."""
