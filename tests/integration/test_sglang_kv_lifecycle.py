@@ -5,7 +5,9 @@ is refused, and a server that cannot record refuses to start.
 
 A reset is only visible when a slot is reused by a forward that records nothing (else the new rows
 overwrite the old): the server's processes load a test-only ``sitecustomize`` through which a test
-makes our recording skip forwards (as when preparing one fails) while a switch file exists.
+makes our recording skip forwards (as when preparing one fails) while a switch file exists; a
+second switch hands the capture an id of no expert in prefill forwards (an engine bug), whose
+requests must be delivered as failed while the server keeps serving.
 """
 
 from __future__ import annotations
@@ -48,6 +50,17 @@ def begin_forward(self, forward_batch):
 
 
 SchedulerRecording._begin_forward = begin_forward
+_capture = SchedulerRecording.capture
+
+
+def capture(self, layer_id, topk_ids):
+    if os.path.exists(os.environ["ROUTING_REPLAY_TEST_BAD_IDS"]) and topk_ids.shape[0] > 1:
+        topk_ids = topk_ids.clone()
+        topk_ids[-1, -1] = 1000  # what an engine bug would hand the capture: no such expert
+    return _capture(self, layer_id, topk_ids)
+
+
+SchedulerRecording.capture = capture
 '''
 
 
@@ -60,6 +73,7 @@ def small_pool_server(tiny_models, tmp_path_factory):
     (root / "sitecustomize.py").write_text(SITECUSTOMIZE)
     env = {"PYTHONPATH": os.pathsep.join(filter(None, (str(root), os.environ.get("PYTHONPATH")))),
            "ROUTING_REPLAY_TEST_UNRECORDED": str(root / "unrecorded"),
+           "ROUTING_REPLAY_TEST_BAD_IDS": str(root / "bad_ids"),
            "SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION": "8"}
     server = start_server(tiny_models["qwen3_moe"], root / "server.log", "--record-routing",
                           "--enable-return-routed-experts", "--max-total-tokens", str(POOL), env=env)
@@ -68,13 +82,20 @@ def small_pool_server(tiny_models, tmp_path_factory):
 
 
 @contextmanager
-def unrecorded_forwards(server: SGLangServer):
-    switch = server.log_path.parent / "unrecorded"
+def switched_on(server: SGLangServer, name: str):
+    """While inside, the server's test-only sitecustomize sees the switch file ``name``."""
+    switch = server.log_path.parent / name
     switch.touch()
     try:
         yield
     finally:
         switch.unlink()
+
+
+def flush_cache(server: SGLangServer) -> None:
+    # SGLang flushes only an idle scheduler (else 400): the request's answer may precede its batch's end
+    wait_until(lambda: requests.post(f"{server.url}/flush_cache", timeout=30).status_code == 200, 60,
+               "the server idle and its cache flushed")
 
 
 def token_sequence(server: SGLangServer, length: int, first: int) -> list[int]:
@@ -89,11 +110,9 @@ def check_reused_slots_hold_no_rows(server: SGLangServer) -> None:
     missing, none an earlier owner's. The cache is flushed after, so later requests match no
     unrecorded prefix."""
     prompt = token_sequence(server, POOL - 24, first=10)
-    with unrecorded_forwards(server):
+    with switched_on(server, "unrecorded"):
         response = generate(server, prompt, max_new_tokens=4, routing=routing_params(inline=True), own=False)
-    # SGLang flushes only an idle scheduler (else 400): the request's answer may precede its batch's end
-    wait_until(lambda: requests.post(f"{server.url}/flush_cache", timeout=30).status_code == 200, 60,
-               "the server idle and its cache flushed")
+    flush_cache(server)
     descriptor = routing_descriptor(response)
     assert response["meta_info"]["cached_tokens"] == 0
     assert descriptor["rows"] == len(prompt) + 4 - 1
@@ -121,6 +140,29 @@ def test_retracted_requests_deliver_correct_routing_and_free_their_rows(small_po
         assert descriptor["missing"] == 0
         check_against_references(small_pool_server, response, ours, prompt)
     check_reused_slots_hold_no_rows(small_pool_server)
+
+
+def test_bad_ids_from_the_engine_fail_the_delivery_of_the_requests_over_them_and_serving_goes_on(
+        small_pool_server):
+    """An id of no expert reaches the capture in the prompt's prefill: that request is answered and
+    its routing delivered as failed, naming the bad id, with every row missing; a request that
+    reuses the cached prefix is failed too (its slots' rows were lost); once SGLang frees those
+    slots (cache flush) the same prompt's routing is delivered and equals both references."""
+    server = small_pool_server
+    prompt = token_sequence(server, 40, first=12)
+    with switched_on(server, "bad_ids"):
+        response = generate(server, prompt, max_new_tokens=4, routing=routing_params(inline=True), own=False)
+    [descriptor] = response["meta_info"]["routing_replay"]
+    assert len(response["output_ids"]) == 4 and descriptor["delivery"] == "failed"
+    assert "= 1000 is not an expert id" in descriptor["error"]
+    assert descriptor["missing"] == descriptor["rows"] * LAYERS == (len(prompt) + 3) * LAYERS
+    reused = generate(server, prompt + [20, 21], max_new_tokens=2, routing=routing_params(inline=True), own=False)
+    assert reused["meta_info"]["cached_tokens"] > 0
+    assert reused["meta_info"]["routing_replay"][0]["delivery"] == "failed"
+    flush_cache(server)
+    response, ours, descriptor = inline_routing(server, prompt, max_new_tokens=4)
+    assert descriptor["missing"] == 0
+    check_against_references(server, response, ours, prompt)
 
 
 def test_routing_without_a_destination_is_refused_with_400(small_pool_server):

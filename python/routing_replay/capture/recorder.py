@@ -95,28 +95,26 @@ def describe_errors(errors: dict[str, int]) -> str:
 
 class GatherHandle:
     """A gather in flight. On CUDA the copy to pinned host memory runs asynchronously on the
-    recorder's device's stream that was current at ``gather``; ``wait`` blocks until it lands.
-    On CPU it is done."""
+    stream of the recorder's device that was current at ``gather``, followed there by a copy of
+    the error counts (``snapshot``), whose event tells when both landed. On CPU it is done."""
 
-    __slots__ = ("_rows", "_recorder", "_snapshot", "_event", "_keepalive", "_errors")
+    __slots__ = ("_rows", "_recorder", "_snapshot", "_keepalive", "_errors")
 
     def __init__(
         self,
         rows: RoutingRows,
         recorder: RoutingRecorder | None = None,
         snapshot: ErrorSnapshot | None = None,
-        event: torch.cuda.Event | None = None,
         keepalive: tuple[torch.Tensor, ...] = (),
     ) -> None:
         self._rows = rows
         self._recorder = recorder
         self._snapshot = snapshot
-        self._event = event
         self._keepalive = keepalive  # device staging tensors must outlive the async copy
         self._errors: dict[str, int] | None = None
 
     def done(self) -> bool:
-        return self._event is None or self._event.query()
+        return self._snapshot is None or self._snapshot.ready()
 
     @property
     def errors(self) -> dict[str, int]:
@@ -127,14 +125,12 @@ class GatherHandle:
         return self._errors
 
     def wait(self, check_errors: bool = True) -> RoutingRows:
-        """The gathered rows. With ``check_errors``, raises RoutingCaptureError when the CUDA
-        kernels of this recorder skipped bad input since its previous report (reported once: a
-        second handle, or a second wait, does not report them again)."""
-        if self._event is not None:
-            self._event.synchronize()
-            self._keepalive = ()
+        """The gathered rows, once they landed. With ``check_errors``, raises RoutingCaptureError
+        when the CUDA kernels of this recorder skipped bad input since its previous report
+        (reported once: a later handle, or a second wait, does not report them again)."""
         if self._errors is None:
             self._errors = {} if self._recorder is None else self._recorder.take_errors(self._snapshot)
+            self._keepalive = ()
         if check_errors and self._errors:
             raise RoutingCaptureError(
                 f"the CUDA recorder skipped bad input since its previous report: {describe_errors(self._errors)}; "
@@ -286,7 +282,7 @@ class RoutingRecorder:
         host.ids.copy_(rows.ids, non_blocking=True)
         host.valid.copy_(rows.valid, non_blocking=True)
         snapshot = self.error_snapshot()  # after the gather kernel: its bad slots are counted in it
-        return GatherHandle(host, self, snapshot, snapshot._event, keepalive=(rows.ids, rows.valid, slots))
+        return GatherHandle(host, self, snapshot, keepalive=(rows.ids, rows.valid, slots))
 
     def error_snapshot(self) -> ErrorSnapshot:
         """Starts copying the error counts to the host, ordered after the work queued so far on

@@ -2,12 +2,13 @@
 
 Per forward, modelled on SGLang's own capturer (``sglang.srt.state_capturer``):
 
-1. every MoE layer's top-k ids are recorded by batch position into a small *staging* recorder
-   (the capture extension's graph-safe call; padded rows and rows past the forward's real token
-   count are skipped);
+1. every MoE layer's top-k ids are recorded by batch position into a *staging* recorder sized
+   once, before SGLang captures its graphs (the capture extension's graph-safe call; padded rows
+   and rows past the forward's real token count are skipped; fused shared-expert columns are
+   dropped); an eager forward larger than the staging records straight into the main recorder;
 2. after the forward, the staged rows are copied once into the slot-keyed *main* recorder at the
    forward's KV slots (``out_cache_loc_virtual`` when the pool is virtual, else ``out_cache_loc``),
-   and the staging flags are cleared.
+   and the whole staging is marked unwritten.
 
 Rows are keyed by KV slot, so a radix-cached prefix keeps the rows computed when it was first
 prefilled. Slots are reset when SGLang's allocator actually frees them (after a free group
@@ -20,8 +21,10 @@ token hash), queued unchanged on the wire to the sink, and returned as the reque
 All of this runs inside SGLang's scheduler, so none of it may end the scheduler: every step runs
 in ``SchedulerRecording.attempt``, which counts and logs an exception instead of raising it. A
 request whose delivery failed gets a ``delivery: failed`` descriptor naming the reason, with all
-its rows counted as missing; a forward whose recording failed leaves its rows unrecorded (they
-show as missing); rows that could not be reset are dropped wholesale, and if even that fails the
+its rows counted as missing; a forward whose recording failed (bad ids from the engine included:
+on CUDA the kernels count them and the counts are read after the forward) has its rows dropped and
+its slots marked lost, and every request over a lost slot is delivered as failed, naming the
+reason; rows that could not be reset are dropped wholesale, and if even that fails the
 recording is marked broken and every later descriptor says so. Only during CUDA-graph capture (at
 start-up) is an exception raised, so SGLang refuses to start instead of serving without routing.
 """
