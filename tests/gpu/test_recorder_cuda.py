@@ -108,7 +108,7 @@ def test_wait_twice_returns_the_rows_and_reports_errors_once():
     assert handle.wait(check_errors=False) is rows and handle.errors == {"expert id out of range": 1}
     with pytest.raises(RoutingCaptureError):
         handle.wait()  # the same handle still says so
-    assert gpu.gather([3]).wait(check_errors=False) is not None and gpu.take_errors(gpu.error_snapshot()) == {}
+    assert gpu.take_errors(gpu.error_snapshot()) == {}  # nothing left to report
 
 
 def test_counts_from_a_record_on_one_stream_and_a_gather_on_another_are_never_lost():
@@ -126,8 +126,10 @@ def test_counts_from_a_record_on_one_stream_and_a_gather_on_another_are_never_lo
         with torch.cuda.stream(b):
             handles.append(gpu.gather(slots))
     torch.cuda.synchronize()
-    reported = sum(h.wait(check_errors=False) is not None and h.errors.get("expert id out of range", 0)
-                   for h in handles)
+    reported = 0
+    for handle in handles:
+        handle.wait(check_errors=False)
+        reported += handle.errors.get("expert id out of range", 0)
     reported += gpu.take_errors(gpu.error_snapshot()).get("expert id out of range", 0)
     assert reported == 50 * 32
 
