@@ -39,16 +39,21 @@ def hf_model(path):
 
 @pytest.mark.parametrize("kind", sorted(FAMILIES))
 def test_logits_and_logprobs_match_transformers(kind, checkpoints, megatron_ready):
-    model, reference = build_model(checkpoints[kind]).eval(), hf_model(checkpoints[kind])
-    batch = Batch.from_sequences([torch.randint(5, 200, (n,)).tolist() for n in (17, 11, 14)])
+    assert_scores_match_transformers(build_model(checkpoints[kind]).eval(), hf_model(checkpoints[kind]))
+
+
+def assert_scores_match_transformers(model, reference, generator: torch.Generator | None = None) -> None:
+    """On a padded batch of three random sequences, our log-probs (temperature 0.7) equal those of
+    the Hugging Face ``reference`` run on each sequence alone, and so do our logits per sequence."""
+    batch = Batch.from_sequences([torch.randint(5, 200, (n,), generator=generator).tolist() for n in (17, 11, 14)])
     with torch.no_grad():
         ours = score(model, batch, temperature=0.7)
         for row, n in enumerate(batch.lengths.tolist()):  # each sequence alone, unpadded, through HF
             tokens = batch.tokens[row : row + 1, :n]
             logits = reference(tokens).logits
             alone = Batch.from_sequences([tokens[0].tolist()])
-            ref_logits = model(tokens, alone.positions(), attention_mask=alone.attention_mask())
-            assert (ref_logits - logits).abs().max() < 1e-5
+            mine = model(tokens, alone.positions(), attention_mask=alone.attention_mask())
+            assert (mine - logits).abs().max() < 1e-5
             want = torch.log_softmax(logits[0, :-1] / 0.7, -1).gather(-1, tokens[0, 1:, None]).squeeze(-1)
             assert torch.allclose(ours.logprobs[row, : n - 1], want, atol=1e-5)
             assert ours.valid[row].sum() == n - 1

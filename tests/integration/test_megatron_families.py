@@ -19,7 +19,10 @@ from routing_replay.megatron.hf_checkpoint import build_model
 from routing_replay.megatron.logprobs import Batch, score
 from routing_replay.megatron.replay import ModelReplay
 from routing_replay.models import FAMILIES, UnsupportedModel
-from tests.integration.test_megatron_checkpoint import assert_export_round_trip_is_exact
+from tests.integration.test_megatron_checkpoint import (
+    assert_export_round_trip_is_exact,
+    assert_scores_match_transformers,
+)
 
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "original_max_position_embeddings": 64,
         "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 0.9, "mscale_all_dim": 0.7}
@@ -75,19 +78,8 @@ def hf_model(path: Path):
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_logits_and_logprobs_match_transformers(variant, checkpoints, megatron_ready):
-    model, reference = build_model(checkpoints[variant]).eval(), hf_model(checkpoints[variant])
-    gen = torch.Generator().manual_seed(5)
-    batch = Batch.from_sequences([torch.randint(5, 200, (n,), generator=gen).tolist() for n in (17, 11, 14)])
-    with torch.no_grad():
-        ours = score(model, batch, temperature=0.7)
-        for row, n in enumerate(batch.lengths.tolist()):  # each sequence alone, unpadded, through HF
-            tokens = batch.tokens[row : row + 1, :n]
-            logits = reference(tokens).logits
-            alone = Batch.from_sequences([tokens[0].tolist()])
-            mine = model(tokens, alone.positions(), attention_mask=alone.attention_mask())
-            assert (mine - logits).abs().max() < 1e-5
-            want = torch.log_softmax(logits[0, :-1] / 0.7, -1).gather(-1, tokens[0, 1:, None]).squeeze(-1)
-            assert torch.allclose(ours.logprobs[row, : n - 1], want, atol=1e-5)
+    assert_scores_match_transformers(build_model(checkpoints[variant]).eval(), hf_model(checkpoints[variant]),
+                                     torch.Generator().manual_seed(5))
 
 
 def force_experts(hf, plan: list[torch.Tensor]) -> None:
