@@ -84,7 +84,6 @@ _MAX_ERROR_CHARS = 500  # of an exception's text in a descriptor
 
 @dataclass
 class _Forward:
-    tokens: int
     valid_rows: int | torch.Tensor
     slots: torch.Tensor | None = None  # None while SGLang captures graphs: no copy follows
     positions: torch.Tensor | None = None
@@ -280,8 +279,7 @@ class SchedulerRecording:
             padded = forward_batch.num_token_non_padded
             valid = padded if isinstance(padded, torch.Tensor) and padded.device == self.main.device else tokens
             direct = tokens > self.staging.num_slots
-            return _Forward(tokens, valid, slots, None if direct else self.positions[:tokens], time.perf_counter(),
-                            direct=direct)
+            return _Forward(valid, slots, None if direct else self.positions[:tokens], time.perf_counter(), direct=direct)
         return None
 
     def _end_forward(self, forward: _Forward) -> None:
@@ -357,7 +355,7 @@ class SchedulerRecording:
                 # SGLang captures its graphs by calling the model directly, outside
                 # ModelRunner.forward: record every row into the graph; each replay's run_forward
                 # then copies only the forward's real rows, so padded rows never reach the recorder.
-                context = _Forward(topk_ids.shape[0], topk_ids.shape[0])
+                context = _Forward(valid_rows=topk_ids.shape[0])
                 self._staging_dirty = True
             router = self.router_of_layer.get(layer_id)
             if router is None:
