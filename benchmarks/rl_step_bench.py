@@ -197,12 +197,14 @@ def render(times, engine_cpu, profile, peaks, base: config.JobConfig, args) -> s
     lines.append(f"- SGLang CPU per step, R3 - none, paired: median {statistics.median(cpu_extra) * 1e3:+.1f} ms "
                  f"(min {min(cpu_extra) * 1e3:+.1f} .. max {max(cpu_extra) * 1e3:+.1f})")
     if profile:
-        ours = profile["capture_s"] + profile["scatter_s"] + profile["gather_deliver_s"]
+        ours = profile["capture_s"] + profile["scatter_s"] + profile["finish_s"] + profile["delivery_s"]
+        per_request = 1e3 / max(profile["requests"], 1)
         lines.append(f"- R3 engine's recording, timed inside it over {profile['forwards']} forwards and "
                      f"{profile['requests']} requests (warm-up included): per-layer hook {profile['capture_s'] * 1e3:.1f} ms,"
-                     f" per-forward scatter {profile['scatter_s'] * 1e3:.1f} ms, per-request gather + delivery "
-                     f"{profile['gather_deliver_s'] * 1e3:.1f} ms ({profile['gather_deliver_s'] / max(profile['requests'], 1) * 1e3:.2f}"
-                     f" ms a request) = {ours / profile['rollout_s']:.1%} of those rollouts' {profile['rollout_s']:.2f} s")
+                     f" per-forward scatter {profile['scatter_s'] * 1e3:.1f} ms, scheduler thread per finished request "
+                     f"{profile['finish_s'] * per_request:.3f} ms (gather start + enqueue), delivery thread "
+                     f"{profile['delivery_s'] * per_request:.3f} ms a request = {ours / profile['rollout_s']:.1%} of those "
+                     f"rollouts' {profile['rollout_s']:.2f} s")
     return "\n".join(lines) + "\n"
 
 

@@ -7,8 +7,8 @@ delivered to a collector in this process), and with SGLang's own ``--enable-retu
 of prefill and decode throughput are reported, with
 
 - the capture's own cost measured inside the recording server (time in our per-layer hook, the
-  per-forward scatter, and the per-request gather + delivery, against the forwards' time; and the
-  scheduler thread's time in our hooks per finished request): CPU
+  per-forward scatter, the per-request gather start and the delivery thread's work, against the
+  forwards' time; and the scheduler thread's time in our hooks per finished request): CPU
   throughput swings +-25% run to run here, so this share is the figure to trust;
 - bytes per token delivered by each path (ours: uint8 on the wire; SGLang: int32, and its base64
   JSON as measured in the responses).
@@ -195,15 +195,17 @@ def report(shape: dict, results: dict, profile: dict | None, base64_per_token: f
               f"- SGLang base64 in JSON, measured: {base64_per_token:.0f} B ({base64_per_token / ours_bytes:.1f}x ours)"]
     if profile:
         model_s = profile["forward_s"] - profile["scatter_s"] - profile["capture_s"]
-        ours_s = profile["capture_s"] + profile["scatter_s"] + profile["gather_deliver_s"]
+        ours_s = profile["capture_s"] + profile["scatter_s"] + profile["finish_s"] + profile["delivery_s"]
+        requests_done = max(profile["requests"], 1)
         lines += ["", "Capture cost inside the recording server (all forwards of the run, warm-up included):", "",
                   f"- forwards: {profile['forwards']}, requests: {profile['requests']}",
                   f"- per-layer hook: {1e3 * profile['capture_s']:.1f} ms; per-forward scatter: {1e3 * profile['scatter_s']:.1f} ms;"
-                  f" per-request gather + delivery: {1e3 * profile['gather_deliver_s']:.1f} ms",
-                  f"- scheduler thread in our hooks per finished request: "
-                  f"{1e3 * profile['gather_deliver_s'] / max(profile['requests'], 1):.2f} ms (gather, its wait, the "
-                  "record, the enqueue; the wait is for the gather itself: on CPU a synchronous copy, on CUDA the "
-                  "gather kernel and copy on a stream ordered after the request's last forward only)",
+                  f" per-request gather start + enqueue: {1e3 * profile['finish_s']:.1f} ms; delivery thread (wait for"
+                  f" the rows, record, send): {1e3 * profile['delivery_s']:.1f} ms",
+                  f"- **scheduler thread in our hooks per finished request: "
+                  f"{1e3 * profile['finish_s'] / requests_done:.3f} ms**, no wait (it starts the gather and queues the "
+                  "delivery: on CPU the gather is a copy of the request's rows, on CUDA it is queued on a stream of its "
+                  f"own); the delivery thread then spends {1e3 * profile['delivery_s'] / requests_done:.3f} ms per request",
                   f"- model forward time: {1e3 * model_s:.0f} ms",
                   f"- **capture share: {100 * ours_s / (model_s + ours_s):.2f}% of forward time** (goal <= 2% on CPU)"]
     return "\n".join(lines) + "\n"

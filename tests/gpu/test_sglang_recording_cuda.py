@@ -95,6 +95,7 @@ def test_ids_the_kernels_skip_fail_the_delivery_of_the_requests_over_them():
     rec.run_forward(batch([2, 3]), lambda: [rec.capture(layer, IDS[2:].cuda()) for layer in (1, 3)])
     descriptor = finish(rec, request_pool())
     assert descriptor["delivery"] == "failed" and "2 x expert id out of range" in descriptor["error"]  # 2 layers
-    assert descriptor["missing"] == 8 and set(rec.lost) == {0, 1}
+    assert descriptor["missing"] == 8
     rec.run_forward(batch([10, 11, 12, 13]), lambda: [rec.capture(layer, IDS.cuda()) for layer in (1, 3)])
+    assert set(rec.lost) == {0, 1}  # settled by the next forward at the latest (the delivery thread may be first)
     assert finish(rec, request_pool(10), rid="r2")["missing"] == 0  # others are delivered

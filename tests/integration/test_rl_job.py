@@ -20,14 +20,11 @@ import signal
 import threading
 import time
 
-import msgspec
 import pytest
 import requests
-import torch
 
 from routing_replay import config, run_log
 from routing_replay.orchestration import driver, engines
-from routing_replay.wire import RoutingRecord
 
 # Each test may include the job's first run and a resume (Ray actors, SGLang, megatron-core): minutes on 2 cores.
 pytestmark = pytest.mark.timeout(600)
@@ -162,10 +159,10 @@ def test_an_engine_that_did_not_deliver_routing_counts_as_crashed():
     with pytest.raises(engines.EngineRoutingFailed, match="plugin is not active"):
         engines.check_routing_delivered(1, "s1-p0-g0", {"meta_info": {}})
     assert issubclass(engines.EngineRoutingFailed, engines.EngineCrashed)  # EnginePool restarts the engine
-    record = RoutingRecord.of("s1-p0-g0", torch.zeros(3, 2, 2, dtype=torch.uint8), None, num_experts=8, num_tokens=4,
-                              token_hash=0)
-    queued = {**msgspec.to_builtins(record), "delivery": "queued"}
-    assert engines.check_routing_delivered(1, "s1-p0-g0", {"meta_info": {"routing_replay": [queued]}}) == 0
+    queued = {"key": "s1-p0-g0", "rows": 3, "start": 0, "num_tokens": 4, "delivery": "queued", "sink": "tcp://x:1"}
+    engines.check_routing_delivered(1, "s1-p0-g0", {"meta_info": {"routing_replay": [queued]}})
+    with pytest.raises(engines.EngineRoutingFailed, match="not queued for its sink"):
+        engines.check_routing_delivered(1, "s1-p0-g0", {"meta_info": {"routing_replay": [{**queued, "delivery": "none"}]}})
 
 
 def test_short_run_records_every_metric_with_full_replay(short_run, shared):

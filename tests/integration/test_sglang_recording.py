@@ -29,6 +29,7 @@ from tests.integration.sglang_support import (
     inline_routing,
     running_requests,
     same_sets,
+    sglang_own_routing,
     sglang_processes,
     start_server,
     token_ids,
@@ -61,6 +62,30 @@ def test_long_prompt_across_small_prefill_chunks(qwen3_server):
     response, ours, _ = inline_routing(qwen3_server, prompt, max_new_tokens=4)
     assert response["meta_info"]["prompt_tokens"] > 48
     check_against_references(qwen3_server, response, ours, prompt)
+
+
+def test_32_concurrent_sink_only_requests_are_each_delivered_their_own_rows(qwen3_server, routing_collector):
+    """Sink-only requests are answered without waiting for their routing (the descriptor says
+    ``queued``; the record is made off the scheduler thread). 32 at once, sampled, of different
+    lengths: each record the collector receives is for that response's tokens and equals SGLang's
+    own capture of it, row for row: none lost, none swapped."""
+    prompts = [f"{PROMPTS[i % len(PROMPTS)]} {i}" for i in range(32)]
+    keys = [f"burst-{i}" for i in range(32)]
+
+    def one(i: int) -> dict:
+        return generate(qwen3_server, prompts[i], max_new_tokens=3 + i % 7, temperature=1.0,
+                        routing=routing_params(key=keys[i]))
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        responses = list(pool.map(one, range(32)))
+    for key, response in zip(keys, responses):
+        descriptor = routing_descriptor(response)
+        assert (descriptor["delivery"], descriptor["key"]) == ("queued", key) and "checksum" not in descriptor
+    tokens = {key: token_ids(qwen3_server, response, prompt) for key, response, prompt in zip(keys, responses, prompts)}
+    samples = routing_collector.take(keys, timeout=60, token_ids=tokens)  # refused unless each token hash matches
+    for key, response in zip(keys, responses):
+        assert samples[key].valid is None and samples[key].record.rows == len(tokens[key]) - 1
+        assert torch.equal(samples[key].routing.long(), sglang_own_routing(response, -1, TOP_K)[:, [0, 1]]), key
 
 
 def test_delivered_over_the_wire_to_the_sink(qwen3_server, routing_collector):

@@ -1,5 +1,6 @@
 """Delivery guarantees on real ZMQ sockets on 127.0.0.1: de-duplication, resend on ack timeout,
-exactly-once to the consumer across a collector restart, and the message-size guard."""
+exactly-once to the consumer across a collector restart, the message-size guard, and failure
+notices raised at once by the consumer's take."""
 
 from __future__ import annotations
 
@@ -12,7 +13,14 @@ import torch
 import zmq
 
 from routing_replay.ports import free_port
-from routing_replay.wire import CollectorConfig, DeliveryError, RoutingCollector, RoutingSender, SenderConfig
+from routing_replay.wire import (
+    CollectorConfig,
+    DeliveryError,
+    RoutingCollector,
+    RoutingDeliveryFailed,
+    RoutingSender,
+    SenderConfig,
+)
 from routing_replay.wire import format as wf
 from tests.integration.test_wire_transport import header_for, make_routing, record_for, wait_for
 
@@ -65,6 +73,29 @@ def test_a_take_of_thousands_of_samples_acknowledges_every_one():
         collector.take(keys, timeout=30)
         sender.flush(timeout=10)
         assert sender.stats().taken == len(keys)
+
+
+def test_a_failure_notice_makes_the_take_of_its_key_raise_at_once_and_the_rest_stay_held():
+    """The producer reports a key it will never send: a take that includes it raises naming the
+    reason (not MissingRoutingKeys after the timeout), the notice is taken once (the sender stops
+    resending it), a resent notice is a duplicate, and the keys beside it are still delivered."""
+    routing = make_routing(3, 2, 2, 8)
+    with RoutingCollector() as collector, RoutingSender(SenderConfig(heartbeat_s=0.1)) as sender:
+        notice = sender.send_failure("lost", "routing of this request was lost: 1 x expert id out of range",
+                                     collector.address)
+        sender.send(record_for("kept", routing, 8), routing, collector.address)
+        with pytest.raises(RoutingDeliveryFailed, match="'lost': routing of this request was lost") as raised:
+            collector.take(["kept", "lost"], timeout=600)  # raised as soon as the notice is in
+        assert raised.value.failures == {"lost": "routing of this request was lost: 1 x expert id out of range"}
+        notice.taken.result(timeout=10)
+        assert collector.stats().failures == 1
+        assert torch.equal(collector.get("kept", timeout=10).routing, routing)
+        sender.send_failure("lost", "again", collector.address).taken.result(timeout=10)  # answered as taken
+        assert collector.stats().duplicates == 1
+        sender.send_failure("dropped", "x", collector.address).received.result(timeout=10)
+        assert collector.discard(["dropped"]) == 1  # an abandoned key's notice goes too
+        sender.flush(timeout=10)
+        assert sender.queued_bytes == 0 and sender.stats().failed == 0
 
 
 def test_unacknowledged_routing_is_resent_and_taken_once():

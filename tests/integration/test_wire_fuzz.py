@@ -274,7 +274,7 @@ def mutated(corpus: list[Message], other_direction: list[Message], count: int, s
 
 
 def _outcomes(stats: CollectorStats) -> int:
-    return stats.received + stats.duplicates + stats.pings + sum(stats.rejected.values())
+    return stats.received + stats.failures + stats.duplicates + stats.pings + sum(stats.rejected.values())
 
 
 def _decodes_to(message: Message, record: wf.RoutingRecord) -> bool:

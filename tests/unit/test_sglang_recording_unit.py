@@ -35,8 +35,9 @@ class CaptureMode:
 
 
 def recording(options: RecordingOptions = RecordingOptions(record_routing=True), sends: bool = False,
-              fused_shared_experts: int = 0, capture_mode: CaptureMode | None = None) -> SchedulerRecording:
-    return SchedulerRecording(options, CONFIG, num_slots=64, max_batch=16, device="cpu", sends=sends,
+              fused_shared_experts: int = 0, capture_mode: CaptureMode | None = None,
+              num_slots: int = 64) -> SchedulerRecording:
+    return SchedulerRecording(options, CONFIG, num_slots=num_slots, max_batch=16, device="cpu", sends=sends,
                               fused_shared_experts=fused_shared_experts, in_graph_capture=capture_mode or CaptureMode())
 
 
@@ -204,9 +205,9 @@ def counting_calls(monkeypatch, module, *names: str) -> Counter:
 
 
 def test_the_record_made_when_a_request_finishes_is_what_the_collector_receives(monkeypatch):
-    """One record per sample: made once in the scheduler (one checksum pass, one token hash), sent
-    unchanged by the real sender (no second checksum), received field for field by a real
-    collector, and returned as the descriptor's fields."""
+    """One record per sample: made once off the scheduler thread (one checksum pass, one token
+    hash), sent unchanged by the real sender (no second checksum), received field for field by a
+    real collector, and returned as the descriptor's fields of an inline request."""
     calls = counting_calls(monkeypatch, wire_format, "checksum", "token_hash")
     tokens = [11, 12, 13, 14, 15]
     with RoutingCollector() as collector:
@@ -219,8 +220,8 @@ def test_the_record_made_when_a_request_finishes_is_what_the_collector_receives(
             sample = collector.get("sample-7", timeout=10)  # so the sender has done its part
         finally:
             rec.close()
-    # Once in the scheduler, nothing in the sender; once more in the collector: its verification.
-    assert calls == {("checksum", "scheduler"): 1, ("token_hash", "scheduler"): 1, ("checksum", "collector"): 1}
+    # Once in the delivery thread, nothing in the sender; once more in the collector: its verification.
+    assert calls == {("checksum", "delivery"): 1, ("token_hash", "delivery"): 1, ("checksum", "collector"): 1}
     assert descriptor["delivery"] == "queued" and descriptor["sink"] == collector.address
     record = routing_record(descriptor)
     assert isinstance(sample.record, RoutingRecord) and sample.record == record
@@ -233,18 +234,134 @@ def test_the_record_made_when_a_request_finishes_is_what_the_collector_receives(
     assert valid.tolist() == [[True, True]] * 3 + [[True, False]]
 
 
-def test_the_driver_decodes_the_descriptor_into_the_record():
+class HeldGather:
+    """The main recorder's gather, its rows held back until ``release`` is set: the scheduler must
+    answer without them."""
+
+    def __init__(self, rec: SchedulerRecording, monkeypatch) -> None:
+        self.release = threading.Event()
+        self.waited = threading.Event()
+        real = rec.main.gather
+
+        def gather(slots, report_errors=True):
+            handle = real(slots, report_errors)
+            wait = handle.wait
+
+            def held_wait(check_errors=True):
+                self.waited.set()
+                self.release.wait()
+                return wait(check_errors)
+
+            return SimpleNamespace(wait=held_wait)
+
+        monkeypatch.setattr(rec.main, "gather", gather)
+
+
+def sending_recording(collector: RoutingCollector) -> SchedulerRecording:
+    return recording(RecordingOptions(record_routing=True, routing_sink=collector.address, routing_shm=False),
+                     sends=True)
+
+
+def test_the_scheduler_queues_a_sink_delivery_without_waiting_for_its_rows(monkeypatch):
+    """The descriptor of a sink-only request says ``queued`` while its rows have not even reached
+    the host; the record the delivery thread makes then reaches the collector intact."""
     from routing_replay.orchestration.engines import EngineRoutingFailed, check_routing_delivered
 
+    with RoutingCollector() as collector:
+        rec = sending_recording(collector)
+        try:
+            forward(rec, [0, 1, 2, 3], {1: IDS})  # the second MoE layer unrecorded: 4 missing positions
+            held = HeldGather(rec, monkeypatch)
+            descriptor = finish(rec, finished_request({"key": "k1"}))
+            assert not held.release.is_set()  # answered while the delivery holds the rows back
+            assert descriptor == {"key": "k1", "rows": 4, "start": 0, "num_tokens": 5, "weight_version": "v1",
+                                  "delivery": "queued", "sink": collector.address, "scheduler_errors": 0}
+            check_routing_delivered(0, "k1", {"meta_info": {"routing_replay": [descriptor]}})
+            with pytest.raises(EngineRoutingFailed, match="recorded as 'k1'"):
+                check_routing_delivered(0, "k2", {"meta_info": {"routing_replay": [descriptor]}})
+            with pytest.raises(EngineRoutingFailed, match="not queued for its sink"):
+                check_routing_delivered(0, "k1", {"meta_info": {"routing_replay": [{**descriptor, "delivery": "none"}]}})
+            held.release.set()
+            sample = collector.get("k1", timeout=30, token_ids=[11, 12, 13, 14, 15])
+        finally:
+            rec.close()
+    assert (sample.record.missing, sample.record.weight_version) == (4, "v1")
+    assert torch.equal(sample.routing[:, 0].long(), IDS) and sample.valid.tolist() == [[True, False]] * 4
+
+
+def test_32_requests_finishing_at_once_are_each_delivered_their_own_rows():
+    """32 requests finish in one go (each over its own slots, other experts per request): every
+    record the collector receives holds exactly its request's rows, none lost or swapped."""
+    pool = SimpleNamespace(req_to_token=torch.arange(64 * 32).view(32, 64))  # request i in slots 64i, 64i + 1, ...
+    expected = {}
+    with RoutingCollector() as collector:
+        rec = recording(RecordingOptions(record_routing=True, routing_sink=collector.address, routing_shm=False),
+                        sends=True, num_slots=64 * 32)
+        try:
+            for i in range(32):
+                ids = torch.randint(0, 8, (4, 2), generator=torch.Generator().manual_seed(i))
+                expected[f"s{i}"] = ids
+                forward(rec, list(range(64 * i, 64 * i + 4)), {1: ids, 3: ids.flip(1)})
+            for i in range(32):
+                req = finished_request({"key": f"s{i}"}, rid=f"r{i}")
+                req.kv = SimpleNamespace(req_pool_idx=i)
+                rec.request_finished(req, pool, lambda: "v1")
+                assert rec.descriptor_for(req)[0]["delivery"] == "queued"
+            samples = collector.take(list(expected), timeout=60)
+        finally:
+            rec.close()
+    for key, ids in expected.items():
+        assert samples[key].valid is None
+        assert torch.equal(samples[key].routing.long(), torch.stack([ids, ids.flip(1)], 1)), key
+
+
+def test_a_delivery_that_fails_after_the_response_reaches_the_consumer_at_once(monkeypatch):
+    """What fails on the delivery thread (here: making the record) is counted, and the sink gets a
+    ``failed`` notice naming it: the trainer's take raises it instead of waiting out its timeout."""
+    from routing_replay.sglang import delivery
+    from routing_replay.wire import RoutingDeliveryFailed
+
+    with RoutingCollector() as collector:
+        rec = sending_recording(collector)
+        try:
+            forward(rec, [0, 1, 2, 3], {1: IDS, 3: IDS})
+            with monkeypatch.context() as patch:
+                patch.setattr(delivery.RoutingRecord, "of", raising(RuntimeError("record broke")))
+                assert finish(rec, finished_request({"key": "k1"}))["delivery"] == "queued"
+                with pytest.raises(RoutingDeliveryFailed, match="'k1': delivering a request's routing failed: "
+                                                               "RuntimeError: record broke"):
+                    collector.take(["k1"], timeout=600)
+            assert finish(rec, finished_request({"key": "k2"}, rid="r2"))["delivery"] == "queued"  # goes on
+            assert collector.get("k2", timeout=30).record.missing == 0
+        finally:
+            rec.close()
+    assert rec.failures.by_reason == {"delivering a request's routing: RuntimeError": 1}
+
+
+def test_rows_a_late_counted_capture_error_lost_fail_exactly_their_requests():
+    """CUDA counts bad ids instead of raising, and a forward's counts may reach the host only after
+    the request finished: the delivery thread reads them and fails the requests over that forward's
+    slots (on the sink, naming the reason); the others are delivered."""
+    from routing_replay.capture.recorder import ErrorSnapshot
+    from routing_replay.sglang.delivery import DeliveryThread, ForwardCheck, PendingDelivery
+    from routing_replay.wire import RoutingDeliveryFailed, RoutingSender
+
     rec = recording()
-    forward(rec, [0, 1, 2, 3], {1: IDS})  # the second MoE layer unrecorded: 4 missing positions
-    descriptor = finish(rec, finished_request({"inline": True, "key": "k1"}))
-    assert check_routing_delivered(0, "k1", {"meta_info": {"routing_replay": [descriptor]}}) == 4
-    with pytest.raises(EngineRoutingFailed, match="recorded as 'k1'"):
-        check_routing_delivered(0, "k2", {"meta_info": {"routing_replay": [descriptor]}})
-    for broken in ({**descriptor, "payload_bytes": 3}, {**descriptor, "rows": "4"}, {"delivery": "queued"}):
-        with pytest.raises(EngineRoutingFailed, match="no valid routing record"):
-            check_routing_delivered(0, "k1", {"meta_info": {"routing_replay": [broken]}})
+    forward(rec, list(range(8)), {1: torch.cat([IDS, IDS]), 3: torch.cat([IDS, IDS])})
+    counted = SimpleNamespace(take_errors=lambda snapshot: {"expert id out of range": 2})
+    bad_forward = ForwardCheck(torch.tensor([2, 3]), torch.tensor([2, 3]), ((counted, ErrorSnapshot()),),
+                               threading.Lock())
+    with RoutingCollector() as collector, RoutingSender() as sender:
+        thread = DeliveryThread(sender, rec.failures.count)
+        for key, slots in (("over-it", [0, 1, 2, 3]), ("beside-it", [4, 5, 6, 7])):
+            thread.put(PendingDelivery(key, [1, 2, 3, 4, 5], 0, "v1", 8, rec.main.gather(slots), torch.tensor(slots),
+                                       (bad_forward,), collector.address))
+        thread.close()
+        with pytest.raises(RoutingDeliveryFailed, match="'over-it': routing of this request was lost: the CUDA "
+                                                        "recorder skipped bad input in a forward: 2 x expert id"):
+            collector.take(["over-it"], timeout=600)
+        assert collector.get("beside-it", timeout=30).record.missing == 0
+    assert rec.failures.total == 0  # bad input from the engine, not a failure of ours
 
 
 def test_a_dead_sender_thread_fails_the_delivery_naming_it():

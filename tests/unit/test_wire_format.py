@@ -182,7 +182,7 @@ def test_any_header_frame_is_a_valid_message_or_the_documented_rejection(frame):
     except wf.WireFormatError as exc:
         assert exc.reason == "header"
         return
-    assert isinstance(message, (wf.RoutingRecord, wf.Ping))
+    assert isinstance(message, (wf.RoutingRecord, wf.DeliveryFailed, wf.Ping))
     if isinstance(message, wf.RoutingRecord):
         assert min(message.rows, message.start, message.num_tokens, message.payload_bytes, message.shm_offset) >= 0
         try:
@@ -207,3 +207,16 @@ def test_wire_integers_are_bounded_at_decoding():
 def test_keys_that_are_not_utf8_are_refused_before_sending():
     with pytest.raises(wf.WireFormatError, match="key"):
         record(key="bad\udcff").validate(1 << 30)
+
+
+def test_a_failure_notice_round_trips_and_refuses_what_a_collector_would_not_hold():
+    notice = wf.DeliveryFailed("s1", "the CUDA recorder skipped bad input")
+    assert wf.decode_to_collector(wf.encode(notice)) == notice
+    notice.validate(0)
+    for bad, reason in ((wf.DeliveryFailed("", "x"), "key"), (wf.DeliveryFailed("k" * 1025, "x"), "key"),
+                        (wf.DeliveryFailed("s1", "x" * (wf.MAX_ERROR_CHARS + 1)), "error"),
+                        (wf.DeliveryFailed("s1", "bad\udcff"), "error")):
+        with pytest.raises(wf.WireFormatError, match=reason):
+            bad.validate(0)
+    with pytest.raises(wf.WireFormatError, match="header"):  # fields are exactly key and error
+        wf.decode_to_collector(msgspec.msgpack.encode({"type": "failed", "key": "s1", "error": "x", "rows": 3}))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Union
@@ -81,11 +82,16 @@ class ErrorSnapshot:
     def ready(self) -> bool:
         return self._event is None or self._event.query()
 
+    def wait(self) -> None:
+        """Waits until the work queued before this snapshot (and its copy) is done."""
+        if self._event is not None:
+            self._event.synchronize()
+
     def counts(self) -> list[int]:
-        """The counts per error kind (index 0 unused); waits for the copy."""
+        """The counts per error kind (index 0 unused, all 0 when nothing was copied); waits for the copy."""
+        self.wait()
         if self._counts is None:
             return [0] * native.NUM_ERROR_KINDS
-        self._event.synchronize()
         return self._counts.tolist()
 
 
@@ -129,6 +135,8 @@ class GatherHandle:
         when the CUDA kernels of this recorder skipped bad input since its previous report
         (reported once: a later handle, or a second wait, does not report them again)."""
         if self._errors is None:
+            if self._snapshot is not None:
+                self._snapshot.wait()
             self._errors = {} if self._recorder is None else self._recorder.take_errors(self._snapshot)
             self._keepalive = ()
         if check_errors and self._errors:
@@ -204,6 +212,7 @@ class RoutingRecorder:
         self.error_counts = torch.zeros(native.NUM_ERROR_KINDS, dtype=torch.int64, device=self.device)
         """CUDA only: rows skipped per error kind; the counts only grow (``take_errors`` reports deltas)."""
         self._reported = [0] * native.NUM_ERROR_KINDS
+        self._reported_lock = threading.Lock()  # snapshots may be settled from two threads
         self._view = make_view(self._backend, self.ids, self.valid_bits, self.error_counts, layout.num_experts)
         if not self._on_cpu:
             self._warm_up()
@@ -261,11 +270,14 @@ class RoutingRecorder:
             return
         launch_record(self._backend, self._view, self.device, layer_id, slots, topk_ids, n_rows, valid_tensor)
 
-    def gather(self, slots: SlotsLike) -> GatherHandle:
+    def gather(self, slots: SlotsLike, report_errors: bool = True) -> GatherHandle:
         """Starts copying the rows of ``slots`` (in order) to the host; ``.wait()`` returns RoutingRows.
 
         Raises InvalidRoutingInput for a slot outside the recorder (on CUDA: RoutingCaptureError at
-        ``wait``, the kernel skips and counts it; the row reads back as missing).
+        ``wait``, the kernel skips and counts it; the row reads back as missing). With
+        ``report_errors=False`` the handle reports no error counts (on CUDA its event only tells
+        when the rows landed): for callers that settle the counts per forward themselves, so that
+        one forward's errors are never reported as a gather's.
         """
         slots, slots_bytes = self._slots_on_device(slots)
         n = slots.shape[0]
@@ -281,8 +293,13 @@ class RoutingRecorder:
         host = self._empty_rows(n, torch.device("cpu"), pin_memory=True)
         host.ids.copy_(rows.ids, non_blocking=True)
         host.valid.copy_(rows.valid, non_blocking=True)
-        snapshot = self.error_snapshot()  # after the gather kernel: its bad slots are counted in it
-        return GatherHandle(host, self, snapshot, keepalive=(rows.ids, rows.valid, slots))
+        if report_errors:
+            snapshot = self.error_snapshot()  # after the gather kernel: its bad slots are counted in it
+        else:
+            landed = torch.cuda.Event()
+            landed.record(torch.cuda.current_stream(self.device))
+            snapshot = ErrorSnapshot(event=landed)
+        return GatherHandle(host, self if report_errors else None, snapshot, keepalive=(rows.ids, rows.valid, slots))
 
     def error_snapshot(self) -> ErrorSnapshot:
         """Starts copying the error counts to the host, ordered after the work queued so far on
@@ -301,8 +318,10 @@ class RoutingRecorder:
         count is lost to a reset racing a kernel on another stream; snapshots taken in any order
         report each error once."""
         counts = snapshot.counts()
-        errors = {name: counts[k] - self._reported[k] for k, name in _ERROR_NAMES.items() if counts[k] > self._reported[k]}
-        self._reported = [max(seen, now) for seen, now in zip(self._reported, counts)]
+        with self._reported_lock:
+            errors = {name: counts[k] - self._reported[k] for k, name in _ERROR_NAMES.items()
+                      if counts[k] > self._reported[k]}
+            self._reported = [max(seen, now) for seen, now in zip(self._reported, counts)]
         return errors
 
     def reset(self, slots: SlotsLike) -> None:

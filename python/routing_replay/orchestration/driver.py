@@ -41,6 +41,7 @@ from routing_replay.orchestration.trainer_settings import TrainerSettings
 from routing_replay.rl.advantages import group_normalized
 from routing_replay.rl.rollout_batch import Sample, split
 from routing_replay.rl.step_stats import merged, paired_ratios
+from routing_replay.wire import RoutingDeliveryFailed
 from routing_replay.wire.worker import BackgroundThreadDied
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,6 @@ class Job:
         tokens = sum(len(s.token_ids) for s in samples)
         return {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std(unbiased=False)),
                 "response_length/mean": sum(len(s.response_ids) for s in samples) / n, **trained, **times,
-                "routing/missing": float(sum(r.routing_missing for r in results)),
                 "throughput/tokens_per_s": tokens / times["time/step"], **probe,
                 "engine/restarts": float(self.engines.restarts)}
 
@@ -169,7 +169,8 @@ class Job:
             rank = pending.pop(ready[0])
             try:
                 results[rank] = self._ray.get(ready[0])
-            except (BackgroundThreadDied, ReplayCoverageError, StaleRoutingError) as exc:  # a RayTaskError that is one
+            except (BackgroundThreadDied, ReplayCoverageError, RoutingDeliveryFailed,
+                    StaleRoutingError) as exc:  # a RayTaskError that is one
                 raise JobError(f"trainer rank {rank} cannot continue: {remote_cause(exc)}") from exc
         return results
 

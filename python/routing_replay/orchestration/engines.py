@@ -91,8 +91,6 @@ class RolloutResult:
     response_ids: tuple[int, ...]
     logprobs: tuple[float, ...]
     weight_version: str
-    routing_missing: int = 0
-    """(token, layer) positions the engine did not record (0 when no routing was asked for)."""
 
 
 class RolloutEngine:
@@ -136,10 +134,11 @@ class RolloutEngine:
             params["custom_params"] = routing_params(key=request.key, sink=request.routing_sink)
         body = {"input_ids": list(request.input_ids), "return_logprob": True, "sampling_params": params}
         out = self._post("/generate", body)
-        missing = 0 if request.routing_sink is None else check_routing_delivered(self.spec.index, request.key, out)
+        if request.routing_sink is not None:
+            check_routing_delivered(self.spec.index, request.key, out)
         logprobs = response_logprobs(self.spec.index, request.key, out)
         return RolloutResult(request.key, tuple(out["output_ids"]), logprobs,
-                             str(out["meta_info"].get("weight_version", "")), missing)
+                             str(out["meta_info"].get("weight_version", "")))
 
     def score(self, token_ids: list[int], temperature: float = 1.0) -> list[float]:
         """The engine's log-prob of every token after the first (the weight-sync probe)."""
@@ -330,20 +329,23 @@ def response_logprobs(engine: int, key: str, response: dict) -> tuple[float, ...
     return tuple(float(entry[0]) for entry in entries)
 
 
-def check_routing_delivered(engine: int, key: str, response: dict) -> int:
+def check_routing_delivered(engine: int, key: str, response: dict) -> None:
     """Raises EngineRoutingFailed unless the ``/generate`` response of a request that asked for
-    routing says it was sent; returns (and logs) the (token, layer) positions it lacks."""
-    from routing_replay.sglang.client import RoutingNotReturned, routing_descriptor, routing_record
+    routing says it was queued for its sink under ``key``. The record itself (its missing
+    positions included) travels to the trainer's collector; a failure the server finds after this
+    response reaches the trainer's ``take`` as RoutingDeliveryFailed."""
+    from routing_replay.sglang.client import RoutingNotReturned, routing_descriptor
 
     try:
-        record = routing_record(routing_descriptor(response))
+        descriptor = routing_descriptor(response)
     except RoutingNotReturned as exc:
         raise EngineRoutingFailed(f"engine {engine}, request {key!r}: {exc}") from None
-    if record.key != key:
-        raise EngineRoutingFailed(f"engine {engine}, request {key!r}: the routing was recorded as {record.key!r}")
-    if record.missing:
-        log.warning("engine %d: the routing of %r lacks %d (token, layer) position(s)", engine, key, record.missing)
-    return record.missing
+    if descriptor.get("key") != key:
+        raise EngineRoutingFailed(f"engine {engine}, request {key!r}: the routing was recorded as "
+                                  f"{descriptor.get('key')!r}")
+    if descriptor.get("delivery") != "queued":
+        raise EngineRoutingFailed(f"engine {engine}, request {key!r}: the routing was not queued for its sink "
+                                  f"(delivery {descriptor.get('delivery')!r})")
 
 
 def remote_cause(exc: BaseException) -> BaseException:

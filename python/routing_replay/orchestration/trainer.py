@@ -160,6 +160,8 @@ class TrainerRank:
                                                 token_ids={s.key: s.token_ids for s in samples})
             _refuse_stale(self._routing, weight_version)
             routing_seconds = time.perf_counter() - started
+        # (token, layer) positions the engines did not record, as their records say (0: none taken)
+        stats.add_total("routing/missing", sum(sample.record.missing for sample in self._routing.values()))
         self._old.clear()
         self.recorded.clear()
         with torch.no_grad():

@@ -3,13 +3,17 @@
     payload = {"text": prompt, "sampling_params": {"max_new_tokens": 64,
                "custom_params": routing_params(key="prompt7-sample0", sink=collector.address)}}
     descriptor = routing_descriptor(response_json)          # raises if the server did not record
-    record = routing_record(descriptor)                      # its RoutingRecord, as the trainer receives it
+    sample = collector.get("prompt7-sample0", timeout=60)    # sample.record: its RoutingRecord
+    # with routing_params(..., inline=True): routing_record(descriptor) and decode_inline(descriptor)
 
-A delivered descriptor is the sample's ``RoutingRecord`` (``routing_replay.wire``) as plain
-fields, plus the delivery's: ``delivery`` (queued, inline, none, not-this-rank or failed),
-``sink``, ``error``, ``scheduler_errors``, and ``inline``/``inline_valid`` (base64 rows and mask)
-when asked for inline. A failed one carries only what is known (key, rows, start, num_tokens,
-missing) besides the delivery's fields.
+A request sent to a sink only is answered before its record exists: its descriptor says
+``delivery: queued`` with ``key``, ``rows``, ``start``, ``num_tokens``, ``weight_version``,
+``sink`` and ``scheduler_errors``; the record reaches the sink (what fails later reaches it as a
+``failed`` notice: the collector's ``take`` raises ``RoutingDeliveryFailed``). An inline request's
+descriptor is the sample's ``RoutingRecord`` (``routing_replay.wire``) as plain fields, plus the
+delivery's: ``delivery`` (queued, inline, not-this-rank or failed), ``sink``, ``error``,
+``scheduler_errors``, and ``inline``/``inline_valid`` (base64 rows and mask). A failed one carries
+only what is known (key, rows, start, num_tokens, missing) besides the delivery's fields.
 
 With the OpenAI endpoints, pass ``custom_params=routing_params(...)`` at the top level of the
 request (``extra_body`` with the ``openai`` client); the descriptor is then not part of the OpenAI

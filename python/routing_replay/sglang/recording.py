@@ -13,10 +13,13 @@ Per forward, modelled on SGLang's own capturer (``sglang.srt.state_capturer``):
 Rows are keyed by KV slot, so a radix-cached prefix keeps the rows computed when it was first
 prefilled. Slots are reset when SGLang's allocator actually frees them (after a free group
 closes); all rows are dropped when the weights change, so rows of older weights are never
-delivered as current. When a request finishes, its rows ``[start_len, seqlen - 1)`` are gathered
-(the last token has no row) and delivered: their ``RoutingRecord`` is made once (checksum and
-token hash), queued unchanged on the wire to the sink, and returned as the request's descriptor
-(the record's fields, the delivery's status, and the rows themselves when asked for inline).
+delivered as current. When a request finishes, the gather of its rows ``[start_len, seqlen - 1)``
+(the last token has no row) is started and handed to the delivery thread (``delivery``), which
+makes their ``RoutingRecord`` once (checksum and token hash) and queues it unchanged on the wire to
+the sink: the scheduler thread never waits for it. The request's descriptor then says ``queued``
+with the sample's key, rows and weight version; the record itself reaches the consumer. A request
+that asked for its rows inline waits for them, and its descriptor is the record's fields, the
+delivery's status and the rows.
 
 All of this runs inside SGLang's scheduler, so none of it may end the scheduler: every step runs
 in ``SchedulerRecording.attempt``, which counts and logs an exception instead of raising it. A
@@ -24,7 +27,8 @@ request whose delivery failed gets a ``delivery: failed`` descriptor naming the 
 its rows counted as missing; a forward whose recording failed (bad ids from the engine included:
 on CUDA the kernels count them and the counts are read after the forward) has its rows dropped and
 its slots marked lost, and every request over a lost slot is delivered as failed, naming the
-reason; rows that could not be reset are dropped wholesale, and if even that fails the
+reason (on its sink, as a ``failed`` notice, when that is known only after its response went
+out); rows that could not be reset are dropped wholesale, and if even that fails the
 recording is marked broken and every later descriptor says so. Only during CUDA-graph capture (at
 start-up) is an exception raised, so SGLang refuses to start instead of serving without routing.
 """
@@ -35,9 +39,11 @@ import base64
 import json
 import logging
 import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -45,12 +51,12 @@ from typing import Any
 import msgspec
 import torch
 
-from routing_replay.capture import RoutingLayout, RoutingRecorder, RoutingRows
+from routing_replay.capture import RoutingLayout, RoutingRecorder
 from routing_replay.capture.recorder import ErrorSnapshot, describe_errors
 from routing_replay.models import moe_layer_ids
+from routing_replay.sglang.delivery import Delivered, DeliveryThread, ForwardCheck, PendingDelivery, RoutingLost
 from routing_replay.sglang.options import REQUEST_KEY, RecordingOptions, RoutingRequest
-from routing_replay.wire import RoutingRecord, RoutingSender, SenderConfig, SenderFull
-from routing_replay.wire import format as wire_format
+from routing_replay.wire import RoutingSender, SenderConfig
 from routing_replay.wire.worker import log_rate_limited
 
 log = logging.getLogger("routing_replay.sglang")
@@ -70,7 +76,10 @@ class CaptureProfile:
     capture_s: float = 0.0
     scatter_s: float = 0.0
     requests: int = 0
-    gather_deliver_s: float = 0.0
+    finish_s: float = 0.0
+    """The scheduler thread's time in ``request_finished`` (start the gather, queue the delivery)."""
+    delivery_s: float = 0.0
+    """The delivery thread's time (wait for the rows, make the record, hand it to the sender)."""
 
     def dump(self, path: str) -> None:
         tmp = f"{path}.tmp"
@@ -93,24 +102,6 @@ class _Forward:
     staging buffer (never a graph: graph batches are bounded when the staging is sized)."""
     error: str | None = None
     """Why its rows are dropped (never copied in part), once something failed."""
-
-
-@dataclass
-class _ForwardCheck:
-    """The CUDA recorders' error counts after one forward, on their way to the host: bad rows the
-    kernels skipped are counted, not raised, so a forward's failure is known only later."""
-
-    slots: torch.Tensor
-    snapshots: tuple[tuple[RoutingRecorder, ErrorSnapshot], ...]
-
-    def ready(self) -> bool:
-        return all(snapshot.ready() for _, snapshot in self.snapshots)
-
-    def errors(self) -> dict[str, int]:
-        found: Counter[str] = Counter()
-        for recorder, snapshot in self.snapshots:
-            found.update(recorder.take_errors(snapshot))
-        return dict(found)
 
 
 @dataclass
@@ -154,6 +145,7 @@ class Failures:
 
     def __init__(self) -> None:
         self.by_reason: Counter[str] = Counter()
+        self._lock = threading.Lock()  # counted by the scheduler and the delivery thread
 
     @property
     def total(self) -> int:
@@ -162,13 +154,15 @@ class Failures:
     def count(self, what: str, exc: Exception) -> str:
         """Counts and logs ``exc``; returns the error text for descriptors."""
         reason = f"{what}: {type(exc).__name__}"
-        self.by_reason[reason] += 1
+        with self._lock:
+            self.by_reason[reason] += 1
+            count = self.by_reason[reason]
         error = f"{what} failed: {type(exc).__name__}: {exc}"[:_MAX_ERROR_CHARS]
-        if self.by_reason[reason] == 1:
+        if count == 1:
             log.error("routing-replay: %s (SGLang goes on; counted in descriptors' scheduler_errors)", error,
                       exc_info=exc)
         else:
-            log_rate_limited(log, self.by_reason[reason], "routing-replay: %s", error)
+            log_rate_limited(log, count, "routing-replay: %s", error)
         return error
 
 
@@ -195,7 +189,8 @@ class SchedulerRecording:
         # a finishing request never waits behind a forward SGLang has queued since (overlap scheduling).
         self._delivery_stream = torch.cuda.Stream(self.main.device) if self._counts_errors else None
         self._rows_written: torch.cuda.Event | None = None
-        self._checks: list[_ForwardCheck] = []
+        self._checks: list[ForwardCheck] = []
+        self._settling = threading.Lock()
         self.lost: dict[int, str] = {}
         """Slots whose rows a capture error lost, with the reason; a request over any of them is
         delivered as failed. Cleared when the slot is freed."""
@@ -204,6 +199,7 @@ class SchedulerRecording:
         self.forward_context: _Forward | None = None
         self.weights_dropped = 0
         self.failures = Failures()
+        self.delivery = DeliveryThread(self.sender, self.failures.count)
         self.broken: str | None = None
         """Why recording stopped for good (rows could not be dropped), else None."""
         self.profile_path = os.environ.get(PROFILE_ENV)
@@ -267,7 +263,7 @@ class SchedulerRecording:
         if self.broken:
             return None
         with self.attempt("preparing a forward"):
-            self._settle_checks(block=False)
+            self._settle_checks()
             if self._staging_dirty:
                 self._clear_staging()
             slots = forward_batch.out_cache_loc_virtual
@@ -292,7 +288,9 @@ class SchedulerRecording:
             forward.error = copying.error
         if forward.error is None and self._counts_errors:
             with self.attempt("checking a forward's capture errors") as checking:
-                self._checks.append(_ForwardCheck(forward.slots, self._error_snapshots(forward)))
+                host_slots = _to_host(forward.slots)  # before the snapshots: their events cover it
+                self._checks.append(ForwardCheck(forward.slots, host_slots, self._error_snapshots(forward),
+                                                 self._settling))
             forward.error = checking.error
         if forward.error is not None:
             self._drop_forward(forward.slots, forward.error)
@@ -333,10 +331,10 @@ class SchedulerRecording:
         if clearing.error:
             self._break(clearing.error)  # this forward's rows would be copied as the next one's
 
-    def _settle_checks(self, block: bool) -> None:
-        """Reads the error counts of finished forwards, oldest first (all of them with ``block``),
+    def _settle_checks(self) -> None:
+        """Reads the error counts of finished forwards, oldest first, without waiting for the others,
         and drops the rows of each forward whose kernels skipped bad input."""
-        while self._checks and (block or self._checks[0].ready()):
+        while self._checks and self._checks[0].ready():
             check = self._checks.pop(0)
             errors = check.errors()
             if errors:
@@ -418,7 +416,8 @@ class SchedulerRecording:
     # ---- delivery ---------------------------------------------------------------------------------
 
     def request_finished(self, req: Any, req_to_token_pool: Any, weight_version: Callable[[], str]) -> None:
-        """Gathers and delivers a finished request's rows. A failure becomes its descriptor."""
+        """Starts the gather of a finished request's rows and queues their delivery; waits only for a
+        request that asked for its rows inline. A failure becomes its descriptor."""
         span: _Span | None = None
         with self.attempt("delivering a request's routing") as delivering:
             started = time.perf_counter()
@@ -426,32 +425,67 @@ class SchedulerRecording:
             if params is None:
                 return
             span = _Span.of(req, params)
-            if self.broken:
-                self.descriptors[req.rid] = self._failed(self.broken, span)
-                return
-            with self._on_delivery_stream():
-                slots = req_to_token_pool.req_to_token[req.kv.req_pool_idx, span.start : span.start + span.rows]
-                handle = self.main.gather(slots.to(torch.int64))
-            self._settle_checks(block=True)  # every forward that wrote these rows ran before the gather
-            rows = handle.wait(check_errors=False)
-            lost = self._lost_reasons(slots, handle.errors)
-            if lost:
-                self.descriptors[req.rid] = self._failed(f"routing of this request was lost: {lost}", span)
-                return
-            self.descriptors[req.rid] = self._deliver(params, span, rows, weight_version())
+            self.descriptors[req.rid] = self._start_delivery(req, req_to_token_pool, params, span, weight_version())
             if self.profile_path:
                 with self.attempt("writing the profile"):
                     self.profile.requests += 1
-                    self.profile.gather_deliver_s += time.perf_counter() - started
+                    self.profile.finish_s += time.perf_counter() - started
+                    self.profile.delivery_s = self.delivery.busy_s
                     self.profile.dump(self.profile_path)
         if delivering.error:
             with self.attempt("reporting a failed delivery"):  # else descriptor_for says it had none
                 self.descriptors[req.rid] = self._failed(delivering.error, span)
 
+    def _start_delivery(self, req: Any, req_to_token_pool: Any, params: RoutingRequest, span: _Span,
+                        weight_version: str) -> dict:
+        """The request's descriptor, once its delivery is queued (or known to have failed)."""
+        if self.broken:
+            return self._failed(self.broken, span)
+        sink, status = self._destination(params)
+        if status["delivery"] == "failed":
+            return {**self._failed(status["error"], span), "sink": sink}
+        queued = {**self._span_fields(span), "weight_version": weight_version, **status,
+                  "scheduler_errors": self.failures.total}
+        if sink is None and not params.inline:
+            return queued  # nothing to deliver
+        self.delivery.check()  # a dead delivery thread fails this request, naming it
+        with self._on_delivery_stream():
+            slots = req_to_token_pool.req_to_token[req.kv.req_pool_idx, span.start : span.start + span.rows]
+            slots = slots.to(torch.int64)
+            handle = self.main.gather(slots, report_errors=False)  # errors are read per forward (_checks)
+            host_slots = _to_host(slots)
+        self._settle_checks()
+        lost = self._lost_reasons(slots)
+        if lost:
+            return self._failed(f"routing of this request was lost: {lost}", span)
+        pending = PendingDelivery(span.key, span.tokens, span.start, weight_version, self.layout.num_experts, handle,
+                                  host_slots, tuple(self._checks), sink, Future() if params.inline else None)
+        self.delivery.put(pending)
+        if pending.result is None:
+            return queued
+        try:
+            delivered: Delivered = pending.result.result()  # inline: the response carries the rows
+        except RoutingLost as exc:
+            return self._failed(str(exc), span)
+        return self._inline_descriptor(delivered, delivered.sink_status or status)
+
+    def _destination(self, params: RoutingRequest) -> tuple[str | None, dict]:
+        """The sink to send the record to (None: none) and the delivery status to report."""
+        sink = params.sink or self.options.routing_sink
+        if not sink:
+            return None, {"delivery": "inline" if params.inline else "none"}
+        if self.sender is None:
+            return None, {"delivery": "not-this-rank"}
+        if self.sender.never_answered(sink):  # a busy collector that answered before is still sent to
+            return sink, {"delivery": "failed", "error": f"routing sink {sink} is unreachable (it never answered "
+                                                          "a heartbeat)"}
+        return sink, {"delivery": "queued", "sink": sink}
+
     @contextmanager
     def _on_delivery_stream(self) -> Iterator[None]:
         """CUDA: makes the delivery stream current, ordered after the last forward's copy (which
-        wrote every row of a request finishing now). A no-op on CPU."""
+        wrote every row of a request finishing now), and orders the forward stream's later work
+        (slot resets, new rows) after the gather. A no-op on CPU."""
         if self._delivery_stream is None:
             yield
             return
@@ -459,15 +493,15 @@ class SchedulerRecording:
             self._delivery_stream.wait_event(self._rows_written)
         with torch.cuda.stream(self._delivery_stream):
             yield
+            gathered = torch.cuda.Event()
+            gathered.record(self._delivery_stream)
+        torch.cuda.current_stream(self.main.device).wait_event(gathered)
 
-    def _lost_reasons(self, slots: torch.Tensor, gather_errors: dict[str, int]) -> str:
-        """Why some of ``slots``' rows were lost to capture errors ("" when none were)."""
-        reasons = []
-        if gather_errors:
-            reasons.append(f"the CUDA recorder skipped bad input: {describe_errors(gather_errors)}")
-        if self.lost:
-            reasons.extend(dict.fromkeys(self.lost[slot] for slot in slots.tolist() if slot in self.lost))
-        return "; ".join(reasons)
+    def _lost_reasons(self, slots: torch.Tensor) -> str:
+        """Why some of ``slots``' rows were lost to capture errors known now ("" when none were)."""
+        if not self.lost:  # reading the slots syncs: only after a capture error
+            return ""
+        return "; ".join(dict.fromkeys(self.lost[slot] for slot in slots.tolist() if slot in self.lost))
 
     def with_descriptors(self, info: dict, reqs: list) -> dict:
         """SGLang's per-batch customized output ``info`` plus each request's descriptor entry."""
@@ -492,47 +526,35 @@ class SchedulerRecording:
         """The descriptor of an undelivered request: every row it asked for is missing."""
         descriptor: dict[str, Any] = {"delivery": "failed", "error": error, "scheduler_errors": self.failures.total}
         if span is not None:
-            descriptor.update(key=span.key, rows=span.rows, start=span.start, num_tokens=len(span.tokens),
-                              missing=span.rows * self.layout.num_layers)
+            descriptor.update(self._span_fields(span), missing=span.rows * self.layout.num_layers)
         return descriptor
 
-    def _deliver(self, params: RoutingRequest, span: _Span, rows: RoutingRows, weight_version: str) -> dict:
-        """Makes the request's RoutingRecord (the one checksum and token hash of this sample) and
-        hands it on: to the sender unchanged, and as the descriptor (its fields plus the delivery's)."""
-        record = RoutingRecord.of(span.key, rows.ids, rows.valid, num_experts=self.layout.num_experts,
-                                  num_tokens=len(span.tokens), token_hash=wire_format.token_hash(span.tokens),
-                                  start=span.start, weight_version=weight_version)
-        mask = rows.valid if record.mask_bytes else None
-        if record.missing:
-            log.warning("routing-replay: %s has %d unrecorded (row, layer) positions", span.key, record.missing)
-        descriptor = msgspec.to_builtins(record)
+    @staticmethod
+    def _span_fields(span: _Span) -> dict:
+        return {"key": span.key, "rows": span.rows, "start": span.start, "num_tokens": len(span.tokens)}
+
+    def _inline_descriptor(self, delivered: Delivered, status: dict) -> dict:
+        """The record's fields, the rows (base64) and the delivery's status."""
+        descriptor = msgspec.to_builtins(delivered.record)
         descriptor["scheduler_errors"] = self.failures.total
-        if params.inline:
-            descriptor["inline"] = base64.b64encode(rows.ids.numpy()).decode()
-            if mask is not None:
-                descriptor["inline_valid"] = base64.b64encode(mask.numpy()).decode()
-        sink = params.sink or self.options.routing_sink
-        descriptor.update(self._send(record, rows.ids, mask, sink) if sink else
-                          {"delivery": "inline" if params.inline else "none"})
+        descriptor["inline"] = base64.b64encode(delivered.rows.ids.numpy()).decode()
+        if delivered.record.mask_bytes:
+            descriptor["inline_valid"] = base64.b64encode(delivered.rows.valid.numpy()).decode()
+        descriptor.update(status)
         return descriptor
-
-    def _send(self, record: RoutingRecord, ids: torch.Tensor, mask: torch.Tensor | None, sink: str) -> dict:
-        """Hands the record and its rows to the sender. Its other exceptions (a dead sender thread,
-        bad input) fail the whole delivery in ``request_finished``."""
-        if self.sender is None:
-            return {"delivery": "not-this-rank"}
-        if self.sender.never_answered(sink):  # a busy collector that answered before is still sent to
-            return {"delivery": "failed", "sink": sink, "error": f"routing sink {sink} is unreachable "
-                    "(it never answered a heartbeat)"}
-        try:
-            self.sender.send(record, ids, sink, valid=mask, block=False)
-        except SenderFull as exc:
-            return {"delivery": "failed", "sink": sink, "error": str(exc)}
-        return {"delivery": "queued", "sink": sink}
 
     def close(self) -> None:
+        self.delivery.close()
         if self.sender is not None:
             self.sender.close()
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` on the host: CUDA, a copy into pinned memory queued on the current stream (read it
+    after an event recorded later on that stream); CPU, the tensor itself."""
+    if tensor.device.type != "cuda":
+        return tensor
+    return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor, non_blocking=True)
 
 
 def _requested(req: Any) -> RoutingRequest | None:

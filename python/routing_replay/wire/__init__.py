@@ -17,6 +17,7 @@ from routing_replay.wire.collector import (
     CollectorStats,
     MissingRoutingKeys,
     RoutingCollector,
+    RoutingDeliveryFailed,
     RoutingSample,
     TokenMismatchError,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "DeliveryError",
     "MissingRoutingKeys",
     "RoutingCollector",
+    "RoutingDeliveryFailed",
     "RoutingRecord",
     "RoutingSample",
     "RoutingSender",

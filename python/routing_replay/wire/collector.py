@@ -54,6 +54,20 @@ class MissingRoutingKeys(TimeoutError):
         self.keys = list(keys)
 
 
+class RoutingDeliveryFailed(RuntimeError):
+    """The producer reported that the routing of these keys will never come (``failures``: key ->
+    its error): raised at once by ``take``, never left to run into the timeout."""
+
+    def __init__(self, failures: Mapping[str, str]) -> None:
+        shown = "; ".join(f"{key!r}: {error}" for key, error in list(failures.items())[:5])
+        more = f"; and {len(failures) - 5} more" if len(failures) > 5 else ""
+        super().__init__(f"the routing of {len(failures)} key(s) will not be delivered: {shown}{more}")
+        self.failures = dict(failures)
+
+    def __reduce__(self):  # rebuilt from its argument when Ray carries it to the driver
+        return type(self), (self.failures,)
+
+
 class TokenMismatchError(ValueError):
     """Routing was recorded for other token ids than the consumer's (re-tokenised or trimmed text)."""
 
@@ -109,12 +123,14 @@ class RoutingSample:
 
 @dataclass
 class CollectorStats:
-    """Counts since start. Every message read is exactly one of: received, duplicates, pings or
+    """Counts since start. Every message read is exactly one of: received, failures, duplicates, pings or
     rejected (by reason); ``messages`` is their sum. ``taken`` and ``rejected["token_mismatch"]``
     count what the consumer did with received samples."""
 
     messages: int = 0
     received: int = 0
+    failures: int = 0
+    """``failed`` notices received: keys whose routing the producer reported it will not send."""
     duplicates: int = 0
     pings: int = 0
     taken: int = 0
@@ -181,6 +197,7 @@ class RoutingCollector:
         self._budget = _Budget(self.config.budget_bytes)
         self._arenas = shm.ArenaViews()
         self._ready: dict[str, RoutingSample] = {}
+        self._failed: dict[str, str] = {}  # key -> the producer's error, until a take or discard
         self._taken: OrderedDict[str, None] = OrderedDict()
         self._cond = threading.Condition()
         self._outbox: list[tuple[bytes, bytes]] = []  # (identity, ack) queued by consumer threads
@@ -217,15 +234,20 @@ class RoutingCollector:
              token_ids: Mapping[str, Sequence[int]] | None = None) -> dict[str, RoutingSample]:
         """The routing of every key, waiting up to ``timeout`` seconds for all of them.
 
-        Raises MissingRoutingKeys naming the keys still missing (the present ones stay held), or
-        TokenMismatchError when ``token_ids`` is given and a sample was recorded for other tokens
-        (those samples are refused and reported back to the sender).
+        Raises MissingRoutingKeys naming the keys still missing (the present ones stay held),
+        RoutingDeliveryFailed at once when the producer reported that some key's routing will not
+        come (those keys are consumed; the others stay held), or TokenMismatchError when
+        ``token_ids`` is given and a sample was recorded for other tokens (those samples are refused
+        and reported back to the sender).
         """
         keys = list(keys)
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
                 self._worker.check()
+                failed = {k: self._failed.pop(k) for k in keys if k in self._failed}
+                if failed:
+                    break
                 missing = [k for k in keys if k not in self._ready]
                 if not missing:
                     break
@@ -233,10 +255,18 @@ class RoutingCollector:
                 if remaining <= 0:
                     raise MissingRoutingKeys(missing, timeout)
                 self._cond.wait(remaining)
-            samples = {k: self._ready.pop(k) for k in keys}
-            mismatched = self._check_tokens(samples, token_ids)
-            for key in keys:
-                self._remember_taken(key)
+            if failed:
+                for key in failed:
+                    self._remember_taken(key)
+            else:
+                samples = {k: self._ready.pop(k) for k in keys}
+                mismatched = self._check_tokens(samples, token_ids)
+                for key in keys:
+                    self._remember_taken(key)
+        if failed:
+            for key in failed:
+                self._queue_ack(key, wf.Taken(key, self.epoch))
+            raise RoutingDeliveryFailed(failed)
         for key in keys:
             ack = wf.Rejected(key, "token_mismatch") if key in mismatched else wf.Taken(key, self.epoch)
             self._queue_ack(key, ack)
@@ -251,6 +281,7 @@ class RoutingCollector:
         self._worker.check()
         with self._cond:
             dropped = [self._ready.pop(k) for k in keys if k in self._ready]
+            dropped += [self._failed.pop(k) for k in keys if k in self._failed]
             for key in keys:
                 self._remember_taken(key)
         for key in keys:
@@ -261,7 +292,8 @@ class RoutingCollector:
         self._worker.check()
         with self._cond:
             return CollectorStats(
-                messages=self._stats.messages, received=self._stats.received, duplicates=self._stats.duplicates,
+                messages=self._stats.messages, received=self._stats.received, failures=self._stats.failures,
+                duplicates=self._stats.duplicates,
                 pings=self._stats.pings, taken=self._stats.taken, shm_received=self._stats.shm_received,
                 held_bytes=self._budget.held, held_samples=len(self._ready), rejected=Counter(self._stats.rejected),
             )
@@ -349,22 +381,34 @@ class RoutingCollector:
             self._stats.pings += 1
         self._send(identity, wf.Pong(ping.nonce, self.epoch, self._probe_ok(ping), self._max_payload_bytes))
 
-    def _accept(self, identity: bytes, record: wf.RoutingRecord, frames: list[zmq.Frame]) -> None:
-        record.validate(self._max_payload_bytes)
+    def _accept(self, identity: bytes, message: wf.RoutingRecord | wf.DeliveryFailed, frames: list[zmq.Frame]) -> None:
+        """Holds a sample (or a failure notice) for the consumer, once per key."""
+        message.validate(self._max_payload_bytes)
+        key = message.key
         with self._cond:
-            duplicate = record.key in self._ready or record.key in self._taken
-            was_taken = record.key in self._taken
+            duplicate = key in self._ready or key in self._failed or key in self._taken
+            was_taken = key in self._taken
         if duplicate:  # at-least-once delivery: acknowledge again, deliver once
             self._stats.duplicates += 1
-            self._send(identity, wf.Taken(record.key, self.epoch) if was_taken else wf.Received(record.key, self.epoch))
+            self._send(identity, wf.Taken(key, self.epoch) if was_taken else wf.Received(key, self.epoch))
             return
-        sample = self._build_sample(identity, record, frames)
+        if isinstance(message, wf.DeliveryFailed):
+            if frames:
+                raise wf.WireFormatError("frames", f"{len(frames)} frames after a failure notice")
+            log.error("routing collector %s: the producer reports that %r will not be delivered: %s",
+                      self.address, key, message.error)
+        else:
+            sample = self._build_sample(identity, message, frames)
         with self._cond:
-            self._ready[record.key] = sample
-            self._owner[record.key] = identity
-            self._stats.received += 1
+            if isinstance(message, wf.DeliveryFailed):
+                self._failed[key] = message.error
+                self._stats.failures += 1
+            else:
+                self._ready[key] = sample
+                self._stats.received += 1
+            self._owner[key] = identity
             self._cond.notify_all()
-        self._send(identity, wf.Received(record.key, self.epoch))
+        self._send(identity, wf.Received(key, self.epoch))
 
     def _build_sample(self, identity: bytes, record: wf.RoutingRecord, frames: list[zmq.Frame]) -> RoutingSample:
         payload_len, mask_len = record.payload_bytes, record.mask_bytes

@@ -43,6 +43,12 @@ C-order ids of ``dtype``; frame 2, present only when ``mask_bytes > 0``, is ``[R
 bytes, 1 where that (row, layer) was recorded. When ``shm`` is set there are no further frames,
 and the region stays the sender's until the collector sends ``released`` for the key.
 
+Failure message (sender -> collector), frame 0 only, a ``DeliveryFailed``: ``type`` ``"failed"``,
+``key``, ``error`` (why, at most 4096 characters). The producer tells the consumer that the routing
+of ``key`` will never come (a capture error found after the response went out, a failed gather):
+it is acknowledged, resent and de-duplicated like routing, and the collector's ``take`` of that
+key raises at once, naming the error, instead of waiting out its timeout.
+
 Control messages (frame 0 only):
 
 - ``ping`` (sender -> collector): ``nonce`` int, ``shm_probe`` str|nil (a /dev/shm segment holding
@@ -165,9 +171,8 @@ class RoutingRecord(msgspec.Struct, tag="routing", tag_field="type", forbid_unkn
         """Raises WireFormatError when the record is inconsistent or exceeds ``max_payload_bytes``."""
         if self.version != FORMAT_VERSION:
             raise WireFormatError("version", f"format version {self.version}, this collector reads {FORMAT_VERSION}")
-        if not self.key or len(self.key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
-            raise WireFormatError("key", f"key must be 1..{MAX_KEY_BYTES} bytes")
-        if not _is_utf8(self.key) or not _is_utf8(self.weight_version):
+        _check_key(self.key)
+        if not _is_utf8(self.weight_version):
             raise WireFormatError("key", "key and weight_version must be valid UTF-8 text")
         if not 1 <= self.num_experts <= _MAX_EXPERTS or not 1 <= self.top_k <= self.num_experts:
             raise WireFormatError("layout", f"top_k {self.top_k} of num_experts {self.num_experts}")
@@ -189,6 +194,22 @@ class RoutingRecord(msgspec.Struct, tag="routing", tag_field="type", forbid_unkn
             raise WireFormatError(
                 "oversized", f"{self.payload_bytes + self.mask_bytes} bytes exceed the limit of {max_payload_bytes}"
             )
+
+
+MAX_ERROR_CHARS = 4096
+
+
+class DeliveryFailed(msgspec.Struct, tag="failed", tag_field="type", forbid_unknown_fields=True):
+    """The routing of ``key`` will not be delivered; ``error`` says why."""
+
+    key: str
+    error: str
+
+    def validate(self, max_payload_bytes: int) -> None:
+        """Raises WireFormatError for a key the collector would not hold or an overlong error text."""
+        _check_key(self.key)
+        if len(self.error) > MAX_ERROR_CHARS or not _is_utf8(self.error):
+            raise WireFormatError("error", f"the error text must be UTF-8 of at most {MAX_ERROR_CHARS} characters")
 
 
 class Ping(msgspec.Struct, tag="ping", tag_field="type", forbid_unknown_fields=True):
@@ -225,7 +246,7 @@ class Rejected(msgspec.Struct, tag="rejected", tag_field="type", forbid_unknown_
     reason: str
 
 
-ToCollector = Union[RoutingRecord, Ping]
+ToCollector = Union[RoutingRecord, DeliveryFailed, Ping]
 ToSender = Union[Pong, Received, Taken, Released, Rejected]
 
 _encoder = msgspec.msgpack.Encoder()
@@ -237,7 +258,7 @@ def encode(message: msgspec.Struct) -> bytes:
     return _encoder.encode(message)
 
 
-def decode_to_collector(frame: bytes | memoryview) -> RoutingRecord | Ping:
+def decode_to_collector(frame: bytes | memoryview) -> RoutingRecord | DeliveryFailed | Ping:
     """The header frame of a message to a collector. Raises WireFormatError (reason ``header``) for
     anything else, whatever the bytes: no other exception escapes."""
     return _decode(_collector_decoder, frame, "header")
@@ -258,6 +279,13 @@ def _decode(decoder: msgspec.msgpack.Decoder, frame: bytes | memoryview, reason:
         raise
     except Exception as exc:  # noqa: BLE001 - foreign bytes: any failure, in any msgspec version, is a rejection
         raise WireFormatError(reason, f"{type(exc).__name__}: {exc}") from None
+
+
+def _check_key(key: str) -> None:
+    if not key or len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
+        raise WireFormatError("key", f"key must be 1..{MAX_KEY_BYTES} bytes")
+    if not _is_utf8(key):
+        raise WireFormatError("key", "key and weight_version must be valid UTF-8 text")
 
 
 def _is_utf8(text: str) -> bool:

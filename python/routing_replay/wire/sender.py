@@ -14,6 +14,8 @@ collector reports it ``taken`` by the consumer. It is resent when no ``received`
 with a new epoch (it restarted). Collectors de-duplicate by key, so delivery is at-least-once on
 the wire and exactly-once to the consumer. A sample that is rejected, or not taken within
 ``give_up_after_s``, fails its Delivery futures and is logged: nothing is dropped silently.
+``send_failure`` tells a collector that a key's routing will never come (its ``take`` then raises
+at once): the notice travels, is acknowledged and resent like routing, and holds no bytes.
 
 Acknowledgements are input too: an ack frame that does not decode, or arrives in a multipart
 message, is counted by reason (``stats().acks_rejected``) and logged (rate-limited); one that
@@ -124,8 +126,9 @@ class Delivery:
 
 @dataclass
 class _Outgoing:
-    record: wf.RoutingRecord
-    payload: np.ndarray
+    record: wf.RoutingRecord | wf.DeliveryFailed
+    payload: np.ndarray | None
+    """None for a failure notice: the header travels alone."""
     mask: np.ndarray | None
     delivery: Delivery
     nbytes: int
@@ -192,6 +195,20 @@ class RoutingSender:
         self._worker.check()
         outgoing = self._prepare(record, routing, valid, layers)
         outgoing.delivery.destination = check_endpoint(destination)
+        return self._enqueue(outgoing, block, timeout)
+
+    def send_failure(self, key: str, error: str, destination: str) -> Delivery:
+        """Tells the collector at ``destination`` that the routing of ``key`` will not come, and
+        why (``error`` is cut to the format's limit): its ``take`` of ``key`` raises at once. Never
+        waits for the byte bound: a notice holds no bytes."""
+        self._worker.check()
+        notice = wf.DeliveryFailed(key, error[: wf.MAX_ERROR_CHARS])
+        notice.validate(max_payload_bytes=0)
+        return self._enqueue(_Outgoing(notice, None, None, Delivery(key, check_endpoint(destination)), 0,
+                                       time.monotonic()), block=False, timeout=None)
+
+    def _enqueue(self, outgoing: _Outgoing, block: bool, timeout: float | None) -> Delivery:
+        record = outgoing.record
         with self._cond:
             if outgoing.nbytes > self.config.max_queued_bytes:
                 raise SenderFull(f"{record.key!r}: {outgoing.nbytes} bytes exceed max_queued_bytes")
@@ -388,9 +405,9 @@ class RoutingSender:
         if dest.max_payload_bytes is not None and message.nbytes > dest.max_payload_bytes:
             self._refuse_oversized(dest, message)
             return
-        frames: list = [message.payload] if message.mask is None else [message.payload, message.mask]
+        frames: list = [f for f in (message.payload, message.mask) if f is not None]
         slot = (dest.address, record.key)
-        if slot not in self._regions and self._use_shm(dest, message.nbytes):
+        if frames and slot not in self._regions and self._use_shm(dest, message.nbytes):
             offset = self._arena.alloc(message.nbytes)
             if offset is not None:
                 self._arena.write(offset, *(memoryview(f).cast("B") for f in frames))
