@@ -14,8 +14,9 @@ nothing (``paired_diagnostics`` is off here), so R2 / none is the same compariso
 engines doing identical work: its spread is the noise floor. Also per step: the CPU seconds of each
 job's SGLang processes (server and children: the scheduler, where the recording and its sender
 thread run). ``--profile-capture`` makes the recording time its own work (the per-layer hook, the
-per-forward scatter, the per-request gather + delivery; it writes its totals to a file after every
-request, which costs time itself: use it to attribute, not to time the goal). After the repetitions each
+per-forward scatter, the scheduler thread's per-request part and the delivery thread's; it writes
+its totals to a file after every request, which costs time itself: use it to attribute, not to time
+the goal). After the repetitions each
 job's trainer rank reports its peak RSS (the Ray worker process: imports included;
 ``benchmarks/learner_bench.py`` measures it net of imports at the shape ``memory_estimate`` plans
 for).
@@ -203,8 +204,8 @@ def render(times, engine_cpu, profile, peaks, base: config.JobConfig, args) -> s
                      f"{profile['requests']} requests (warm-up included): per-layer hook {profile['capture_s'] * 1e3:.1f} ms,"
                      f" per-forward scatter {profile['scatter_s'] * 1e3:.1f} ms, scheduler thread per finished request "
                      f"{profile['finish_s'] * per_request:.3f} ms (gather start + enqueue), delivery thread "
-                     f"{profile['delivery_s'] * per_request:.3f} ms a request = {ours / profile['rollout_s']:.1%} of those "
-                     f"rollouts' {profile['rollout_s']:.2f} s")
+                     f"{profile['delivery_s'] * per_request:.3f} ms a request = "
+                     f"{ours / profile['rollout_s']:.1%} of those rollouts' {profile['rollout_s']:.2f} s")
     return "\n".join(lines) + "\n"
 
 

@@ -203,9 +203,10 @@ def report(shape: dict, results: dict, profile: dict | None, base64_per_token: f
                   f" per-request gather start + enqueue: {1e3 * profile['finish_s']:.1f} ms; delivery thread (wait for"
                   f" the rows, record, send): {1e3 * profile['delivery_s']:.1f} ms",
                   f"- **scheduler thread in our hooks per finished request: "
-                  f"{1e3 * profile['finish_s'] / requests_done:.3f} ms**, no wait (it starts the gather and queues the "
-                  "delivery: on CPU the gather is a copy of the request's rows, on CUDA it is queued on a stream of its "
-                  f"own); the delivery thread then spends {1e3 * profile['delivery_s'] / requests_done:.3f} ms per request",
+                  f"{1e3 * profile['finish_s'] / requests_done:.3f} ms**, no wait (it starts the gather and "
+                  "queues the delivery: on CPU the gather is a copy of the request's rows, on CUDA it is queued "
+                  "on a stream of its own); the delivery thread then spends "
+                  f"{1e3 * profile['delivery_s'] / requests_done:.3f} ms per request",
                   f"- model forward time: {1e3 * model_s:.0f} ms",
                   f"- **capture share: {100 * ours_s / (model_s + ours_s):.2f}% of forward time** (goal <= 2% on CPU)"]
     return "\n".join(lines) + "\n"

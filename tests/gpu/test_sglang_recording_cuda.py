@@ -1,7 +1,8 @@
 """SGLang's recording on CUDA, without SGLang (the lent GPU machines have none): the scheduler-side
 pieces driven the way SGLang drives them. CUDA-graph capture with SGLang's capture-mode flag and
 replays at changing batch sizes; a finishing request never waits behind a forward queued after its
-rows; bad ids counted by the kernels fail the delivery of the requests over them.
+rows, and a sink-only one not even for its own rows; bad ids counted by the kernels fail the
+delivery of the requests over them.
 
 Skipped without a GPU (tests/conftest.py); run on a lent GPU machine (scripts/gpu_check.sh).
 """
@@ -14,6 +15,7 @@ import torch
 
 from routing_replay.sglang.options import RecordingOptions
 from routing_replay.sglang.recording import SchedulerRecording
+from routing_replay.wire import RoutingCollector
 from tests.unit.test_sglang_recording_unit import CONFIG, IDS, CaptureMode, finished_request
 
 pytestmark = pytest.mark.gpu
@@ -86,6 +88,33 @@ def test_a_finishing_request_does_not_wait_for_a_forward_queued_after_its_rows()
         took = time.perf_counter() - started
     assert took < 0.3, f"the finishing request waited {took:.2f} s behind the queued forward"
     assert descriptor["delivery"] == "inline" and descriptor["missing"] == 0
+
+
+def test_a_sink_only_request_is_answered_before_its_rows_reach_the_host():
+    with RoutingCollector() as collector:
+        options = RecordingOptions(record_routing=True, routing_sink=collector.address, routing_shm=False)
+        rec = SchedulerRecording(options, CONFIG, num_slots=64, max_batch=16, device="cuda", sends=True,
+                                 fused_shared_experts=0, in_graph_capture=CaptureMode())
+        try:
+            pool = request_pool()
+
+            def slow_forward():
+                for layer in (1, 3):
+                    rec.capture(layer, IDS.cuda())
+                torch.cuda._sleep(1 << 31)  # about a second before the forward's rows are copied
+
+            rec.run_forward(batch([0, 1, 2, 3]), slow_forward)
+            req = finished_request({"key": "k1"})
+            started = time.perf_counter()
+            rec.request_finished(req, pool, lambda: "v1")
+            took = time.perf_counter() - started
+            [descriptor] = rec.descriptor_for(req)
+            sample = collector.get("k1", timeout=60, token_ids=[11, 12, 13, 14, 15])
+        finally:
+            rec.close()
+    assert took < 0.3, f"the scheduler thread waited {took:.2f} s for the request's rows"
+    assert descriptor["delivery"] == "queued" and sample.valid is None
+    assert torch.equal(sample.routing.long(), torch.stack([IDS, IDS], 1))
 
 
 def test_ids_the_kernels_skip_fail_the_delivery_of_the_requests_over_them():

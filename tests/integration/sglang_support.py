@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import functools
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -138,18 +136,6 @@ def hf_routing(path: str, tokens: list[int], top_k: int) -> torch.Tensor:
 def same_sets(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per (token, layer): do the two top-k rows hold the same set of experts?"""
     return (a.sort(-1).values == b.sort(-1).values).all(-1)
-
-
-def wait_until(condition: Callable[[], object], timeout: float, what: str, every: float = 0.1):
-    """``condition()``'s first truthy value, polled every ``every`` seconds; TimeoutError naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not within {timeout:.0f}s: {what}")
-        time.sleep(every)
 
 
 def running_requests(server: SGLangServer) -> int:

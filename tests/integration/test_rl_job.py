@@ -162,7 +162,8 @@ def test_an_engine_that_did_not_deliver_routing_counts_as_crashed():
     queued = {"key": "s1-p0-g0", "rows": 3, "start": 0, "num_tokens": 4, "delivery": "queued", "sink": "tcp://x:1"}
     engines.check_routing_delivered(1, "s1-p0-g0", {"meta_info": {"routing_replay": [queued]}})
     with pytest.raises(engines.EngineRoutingFailed, match="not queued for its sink"):
-        engines.check_routing_delivered(1, "s1-p0-g0", {"meta_info": {"routing_replay": [{**queued, "delivery": "none"}]}})
+        not_sent = {**queued, "delivery": "none"}
+        engines.check_routing_delivered(1, "s1-p0-g0", {"meta_info": {"routing_replay": [not_sent]}})
 
 
 def test_short_run_records_every_metric_with_full_replay(short_run, shared):

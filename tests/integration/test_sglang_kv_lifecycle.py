@@ -31,8 +31,8 @@ from tests.integration.sglang_support import (
     hf_tokenizer,
     inline_routing,
     start_server,
-    wait_until,
 )
+from tests.polling import wait_until
 
 POOL = 256  # KV slots
 SITECUSTOMIZE = '''
@@ -94,8 +94,8 @@ def switched_on(server: SGLangServer, name: str):
 
 def flush_cache(server: SGLangServer) -> None:
     # SGLang flushes only an idle scheduler (else 400): the request's answer may precede its batch's end
-    wait_until(lambda: requests.post(f"{server.url}/flush_cache", timeout=30).status_code == 200, 60,
-               "the server idle and its cache flushed")
+    wait_until(lambda: requests.post(f"{server.url}/flush_cache", timeout=30).status_code == 200,
+               "the server idle and its cache flushed", timeout=60, every=0.1)
 
 
 def token_sequence(server: SGLangServer, length: int, first: int) -> list[int]:

@@ -33,8 +33,8 @@ from tests.integration.sglang_support import (
     sglang_processes,
     start_server,
     token_ids,
-    wait_until,
 )
+from tests.polling import wait_until
 
 PROMPTS = ["The quick brown fox", "Hello world! Mixture of experts models route every token.",
            "What is 3 + 4? The answer is", "0123456789 abcdefghij"]
@@ -147,7 +147,7 @@ def test_aborted_request_is_reported_and_leaves_the_server_correct(qwen3_server)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(generate, qwen3_server, PROMPTS[2], max_new_tokens=400,
                               routing=routing_params(key="to-abort", inline=True))
-        wait_until(lambda: running_requests(qwen3_server), 60, "the request to abort is running")
+        wait_until(lambda: running_requests(qwen3_server), "the request to abort is running", timeout=60, every=0.1)
         requests.post(f"{qwen3_server.url}/abort_request", json={"abort_all": True}, timeout=10)
         aborted = pending.result(timeout=60)
     assert aborted["meta_info"]["finish_reason"]["type"] == "abort"
@@ -178,7 +178,7 @@ def test_unreachable_sink_completes_generation_and_says_so(qwen3_server):
         return response if entry["delivery"] == "failed" else None
 
     # the first request makes the sink known to the sender
-    response = wait_until(failed_delivery, 30, "the dead sink is reported unreachable", every=0.5)
+    response = wait_until(failed_delivery, "the dead sink is reported unreachable", timeout=30, every=0.5)
     entry = response["meta_info"]["routing_replay"][0]
     assert "unreachable" in entry["error"]
     with pytest.raises(RoutingNotReturned, match="unreachable"):

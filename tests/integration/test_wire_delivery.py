@@ -22,7 +22,8 @@ from routing_replay.wire import (
     SenderConfig,
 )
 from routing_replay.wire import format as wf
-from tests.integration.test_wire_transport import header_for, make_routing, record_for, wait_for
+from tests.integration.test_wire_transport import header_for, make_routing, record_for
+from tests.polling import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -110,15 +111,15 @@ def test_unacknowledged_routing_is_resent_and_taken_once():
         held = collector.get("blocker", timeout=10)
         before = sender.stats().transmitted  # final for the blocker: it is acknowledged
         delivery = sender.send(record_for("late", late, 8), late, collector.address)
-        wait_for(lambda: sender.stats().transmitted >= before + 2, "the unacknowledged sample to be resent")
+        wait_until(lambda: sender.stats().transmitted >= before + 2, "the unacknowledged sample to be resent")
         assert not delivery.received.done()  # nothing was read: the resend was the ack timeout's
         del held
         gc.collect()  # the budget is free: reading resumes
         assert torch.equal(collector.get("late", timeout=10).routing, late)
         delivery.taken.result(timeout=10)
         transmitted = sender.stats().transmitted  # final: nothing is pending any more
-        wait_for(lambda: (lambda s: s.received + s.duplicates)(collector.stats()) == transmitted,
-                 "every transmission to be read")
+        wait_until(lambda: (lambda s: s.received + s.duplicates)(collector.stats()) == transmitted,
+                   "every transmission to be read")
         stats = collector.stats()
         assert (stats.received, stats.duplicates) == (2, transmitted - 2)
         assert collector.held_keys() == []

@@ -23,7 +23,8 @@ import zmq
 
 from routing_replay.wire import CollectorConfig, CollectorStats, RoutingCollector, RoutingSender, SenderConfig
 from routing_replay.wire import format as wf
-from tests.integration.test_wire_transport import make_routing, record_for, wait_for
+from tests.integration.test_wire_transport import make_routing, record_for
+from tests.polling import wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -312,7 +313,7 @@ def test_collector_survives_10000_mutated_messages(corpus):
             while rogue.poll(0):  # its answers (pongs, acks, rejections) must not pile up
                 rogue.recv_multipart()
         # `messages` counts a message as it is read, its outcome once handled: wait for the outcomes.
-        wait_for(lambda: _outcomes(collector.stats()) >= len(messages), "every message to be handled", timeout=60)
+        wait_until(lambda: _outcomes(collector.stats()) >= len(messages), "every message to be handled", timeout=60)
         elapsed = time.monotonic() - started
         collector.check()  # the thread is alive
         stats = collector.stats()
@@ -368,8 +369,8 @@ def test_sender_survives_10000_mutated_acknowledgements(corpus):
             hostile.send_multipart([identity, *ack])
             while hostile.poll(0):
                 hostile.recv_multipart()  # its pings and resends
-        wait_for(lambda: (lambda s: s.acks + s.acks_ignored + sum(s.acks_rejected.values()))(sender.stats())
-                 >= len(acks), "every acknowledgement to be read", timeout=60)
+        wait_until(lambda: (lambda s: s.acks + s.acks_ignored + sum(s.acks_rejected.values()))(sender.stats())
+                   >= len(acks), "every acknowledgement to be read", timeout=60)
         sender.check()
         stats = sender.stats()
         # Every ack frame sent was read once; pongs of the hostile end's own answers are not in `acks`.

@@ -9,7 +9,6 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable
 
 import msgspec
 import numpy as np
@@ -36,6 +35,7 @@ from routing_replay.wire import (
 from routing_replay.wire import format as wf
 from routing_replay.wire.worker import BackgroundThreadDied
 from routing_replay.wire import shm
+from tests.polling import wait_until
 
 FAST = dict(ack_timeout_s=1.0, heartbeat_s=0.2)
 
@@ -57,14 +57,6 @@ def record_for(key: str, routing: torch.Tensor, experts: int, tokens: list[int] 
 def header_for(key: str, routing: torch.Tensor) -> RoutingRecord:
     """A valid header for ``routing`` (8 experts) travelling as frames: what a raw peer sends."""
     return RoutingRecord.of(key, routing, None, num_experts=8, num_tokens=routing.shape[0] + 1, token_hash=0)
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
-    """Polls observed state until ``condition`` holds; fails naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def address_of(view: memoryview) -> int:
@@ -249,7 +241,7 @@ def test_malformed_frames_are_rejected_and_valid_messages_still_arrive(collector
         rogue.send_multipart(message)
     sender.send(record_for("after", good, 8), good, collector.address)
     assert torch.equal(collector.get("after", timeout=10).routing, good)
-    wait_for(lambda: sum(collector.stats().rejected.values()) >= len(garbage), "every malformed message to be read")
+    wait_until(lambda: sum(collector.stats().rejected.values()) >= len(garbage), "every malformed message to be read")
     stats = collector.stats()
     assert sum(stats.rejected.values()) == len(garbage), stats.rejected
     assert stats.received == 1
@@ -264,9 +256,9 @@ def test_budget_applies_back_pressure_until_views_are_freed():
         for i in range(6):
             sender.send(record_for(f"b{i}", routing, 8 * 16), routing, collector.address)
         held = [collector.get(f"b{i}", timeout=10).routing for i in range(3)]  # 240 KB held > budget
-        wait_for(lambda: sender.stats().transmitted >= 6, "every sample to be on its way")
+        wait_until(lambda: sender.stats().transmitted >= 6, "every sample to be on its way")
         # Reading paused: the collector leaves even the heartbeats unanswered, b3..b5 unread.
-        wait_for(lambda: sender.reachable(collector.address) is False, "the collector to stop answering")
+        wait_until(lambda: sender.reachable(collector.address) is False, "the collector to stop answering")
         stats = collector.stats()
         assert (stats.received, stats.held_bytes) == (3, 240_000)
         del held
@@ -275,7 +267,7 @@ def test_budget_applies_back_pressure_until_views_are_freed():
             assert torch.equal(rest[key].routing, routing)
         del rest
         gc.collect()
-        wait_for(lambda: collector.stats().held_bytes == 0, "the freed views to release the budget")
+        wait_until(lambda: collector.stats().held_bytes == 0, "the freed views to release the budget")
 
 
 def test_a_sample_larger_than_the_budget_is_rejected_loudly():
@@ -341,8 +333,8 @@ def test_curve_admits_the_allowed_sender_and_counts_others():
     with RoutingCollector(config) as collector:
         with RoutingSender(SenderConfig(curve=CurveClient(stranger, server.public), **FAST)) as intruder:
             intruder.send(record_for("intruder", routing, 8), routing, collector.address)
-            wait_for(lambda: collector.stats().rejected["unauthenticated"] >= 1 and
-                     intruder.never_answered(collector.address), "the intruder's handshake to fail")
+            wait_until(lambda: collector.stats().rejected["unauthenticated"] >= 1 and
+                       intruder.never_answered(collector.address), "the intruder's handshake to fail")
             assert intruder.stats().transmitted == 0  # routing waits for a first answer: none came
         assert collector.stats().messages == 0  # not even its heartbeats were read
         with RoutingSender(SenderConfig(curve=CurveClient(client, server.public), **FAST)) as friend:
@@ -389,8 +381,8 @@ def test_shared_region_is_reused_only_after_the_consumer_frees_it(collector):
         assert torch.equal(held.routing, first)
         offset_a = held.record.shm_offset
         del held
-        wait_for(lambda: sender._arena.used_bytes <= other.routing.numel() + 4096,
-                 "the collector to report the region released")
+        wait_until(lambda: sender._arena.used_bytes <= other.routing.numel() + 4096,
+                   "the collector to report the region released")
         sender.send(record_for("c", second, 128), second, collector.address)
         assert collector.get("c", timeout=10).record.shm_offset == offset_a
 
@@ -413,8 +405,8 @@ def test_reachability_is_known_after_a_heartbeat(collector):
         assert sender.reachable(collector.address) is None
         sender.connect(collector.address)
         sender.connect(nobody)
-        wait_for(lambda: sender.reachable(collector.address) is True and sender.reachable(nobody) is False,
-                 "a heartbeat answered by the collector and three unanswered by nobody")
+        wait_until(lambda: sender.reachable(collector.address) is True and sender.reachable(nobody) is False,
+                   "a heartbeat answered by the collector and three unanswered by nobody")
         assert sender.never_answered(nobody) and not sender.never_answered(collector.address)
 
 

@@ -280,7 +280,8 @@ def test_the_scheduler_queues_a_sink_delivery_without_waiting_for_its_rows(monke
             with pytest.raises(EngineRoutingFailed, match="recorded as 'k1'"):
                 check_routing_delivered(0, "k2", {"meta_info": {"routing_replay": [descriptor]}})
             with pytest.raises(EngineRoutingFailed, match="not queued for its sink"):
-                check_routing_delivered(0, "k1", {"meta_info": {"routing_replay": [{**descriptor, "delivery": "none"}]}})
+                not_sent = {**descriptor, "delivery": "none"}
+                check_routing_delivered(0, "k1", {"meta_info": {"routing_replay": [not_sent]}})
             held.release.set()
             sample = collector.get("k1", timeout=30, token_ids=[11, 12, 13, 14, 15])
         finally:

@@ -166,7 +166,8 @@ class DeliveryThread:
                 log.warning("routing-replay: %s has %d unrecorded (row, layer) positions", pending.key, record.missing)
             delivered = Delivered(record, rows, self._send(pending, record, rows))
         except Exception as exc:  # noqa: BLE001 - reported to the sink and the inline caller; the thread goes on
-            error = str(exc) if isinstance(exc, RoutingLost) else self._count_failure("delivering a request's routing", exc)
+            lost = isinstance(exc, RoutingLost)  # bad input from the engine, not a failure of ours
+            error = str(exc) if lost else self._count_failure("delivering a request's routing", exc)
             self._fail(pending, error)
             return
         if pending.result is not None:
