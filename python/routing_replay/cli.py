@@ -97,7 +97,7 @@ def _experiment(args: argparse.Namespace) -> int:
     from routing_replay.orchestration import experiment
 
     try:
-        spec, base = experiment.load(args.config)
+        spec, base = experiment.load(args.config, args.overrides, args.job_overrides)
     except config.ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
@@ -236,6 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
         "comparison plots into the output directory. Exit codes: 0 done, 1 job error, 2 bad configuration, "
         "130 interrupted.")
     experiment.add_argument("--config", required=True, type=Path, help="YAML experiment configuration")
+    experiment.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                            help="override one setting of the experiment configuration, repeatable, typed and "
+                            "validated like `train --set` (grid.steps=2, 'grid.seeds=[0, 1]', 'quick.replay=[R3]')")
+    experiment.add_argument("--set-job", dest="job_overrides", action="append", default=[], metavar="KEY=VALUE",
+                            help="override one setting of the base job every cell derives from, repeatable, like "
+                            "`train --set` (rollout.max_new_tokens=16, train.optimizer.learning_rate=1.0e-6); the "
+                            "cells then set replay, mini-batches, seed and steps over it")
     experiment.add_argument("--quick", action="store_true", help="run the configuration's small `quick` grid (CI)")
     experiment.add_argument("--output-dir", default=None, help="where to write (overrides output_dir)")
     experiment.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -461,15 +461,16 @@ def _resolve(path: Path, schema: type[BaseModel], chain: tuple[Path, ...] = ()) 
     return _merge(base_raw, base_origin, raw, origin, own=origin)
 
 
-def _override(text: str) -> tuple[dict, _Origin]:
+def _override(text: str, flag: str) -> tuple[dict, _Origin]:
     """A ``KEY=VALUE`` override (``train.parallel.expert=2``) as a one-key-path mapping; VALUE is read
-    as YAML by the strict loader (``[a, b]``, ``{x: 1}``, ``1.0e-6``, ``true``; empty: null)."""
+    as YAML by the strict loader (``[a, b]``, ``{x: 1}``, ``1.0e-6``, ``true``; empty: null).
+    ``flag`` is the command-line option it came with, for messages."""
     # escaped where not printable, so that every message stays on one line
-    label = f"--set {text if text.isprintable() else text.encode('unicode_escape').decode()}"
+    label = f"{flag} {text if text.isprintable() else text.encode('unicode_escape').decode()}"
     key, equals, value_text = text.partition("=")
     key = key.strip()
     if not equals:
-        raise ConfigError(f"{label}: expected KEY=VALUE with a dotted KEY, e.g. --set train.replay=R2")
+        raise ConfigError(f"{label}: expected KEY=VALUE with a dotted KEY, e.g. {flag} train.replay=R2")
     parts = key.split(".")
     if not all(part.strip() for part in parts):
         raise ConfigError(f"{label}: the key {key!r} must be names joined by dots, e.g. train.parallel.expert")
@@ -523,7 +524,8 @@ def _describe(schema: type[BaseModel], error: ErrorDetails, origin: _Origin | No
 Schema = TypeVar("Schema", bound=BaseModel)
 
 
-def load(path: str | Path, schema: type[Schema] = JobConfig, overrides: Sequence[str] = ()) -> Schema:
+def load(path: str | Path, schema: type[Schema] = JobConfig, overrides: Sequence[str] = (),
+         flag: str = "--set") -> Schema:
     """The configuration in a YAML file (a job's, or another ``schema``'s such as an experiment's);
     every way the file can be wrong is a ConfigError naming the file and the field or the line.
 
@@ -532,11 +534,11 @@ def load(path: str | Path, schema: type[Schema] = JobConfig, overrides: Sequence
     override ``KEY=VALUE`` (``train.parallel.expert=2``, as ``--set`` gives them), in order, is merged
     the same way, its VALUE read as YAML; the result is validated as if it had been written in one
     file. An error names the field and where its value came from: a line of the file, a base file
-    and line, or the override (``--set train.replay=R9: train.replay: ...``)."""
+    and line, or the override as given with ``flag`` (``--set train.replay=R9: train.replay: ...``)."""
     if isinstance(overrides, str):
         raise TypeError("overrides is a sequence of KEY=VALUE strings, not one string")
     path = Path(path)
-    layers = [_override(text) for text in overrides]
+    layers = [_override(text, flag) for text in overrides]
     raw, origin = _resolve(path, schema)
     for over, over_origin in layers:
         raw, origin = _merge(raw, origin, over, over_origin, own=origin)

@@ -45,6 +45,30 @@ def test_a_bad_experiment_names_the_field(tmp_path):
         experiment.load(path)
 
 
+def test_overrides_reach_the_experiment_and_its_base_job_and_name_their_flag():
+    spec, base = experiment.load(CONFIG, ["grid.steps=2", "grid.seeds=[4]"],
+                                 ["rollout.temperature=0.9", "train.optimizer.learning_rate=1.0e-6"])
+    assert (spec.grid.steps, spec.grid.seeds, spec.grid.replay) == (2, [4], ["none", "R2", "R3"])
+    assert (base.rollout.temperature, base.train.optimizer.learning_rate) == (0.9, 1e-6)
+    cell = experiment.cells_of(spec.grid)[0]
+    assert experiment.cell_config(base, cell, Path("warm"), 2, Path("out")).rollout.temperature == 0.9
+    with pytest.raises(config.ConfigError, match=r"--set grid\.replay=\[R9\]: grid\.replay\.0: "):
+        experiment.load(CONFIG, ["grid.replay=[R9]"])
+    with pytest.raises(config.ConfigError, match=r"--set-job train\.replay=R9: train\.replay: "):
+        experiment.load(CONFIG, job_overrides=["train.replay=R9"])
+
+
+def test_the_experiment_command_documents_and_applies_its_overrides(capsys):
+    from routing_replay import cli
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["experiment", "--config", str(CONFIG), "--set", "grid.steps=2",
+                              "--set-job", "rollout.temperature=0.9"])
+    assert (args.overrides, args.job_overrides) == (["grid.steps=2"], ["rollout.temperature=0.9"])
+    assert cli.main(["experiment", "--config", str(CONFIG), "--set-job", "train.replay=R9"]) == 2
+    assert "--set-job train.replay=R9" in capsys.readouterr().err
+
+
 def synthetic_run(directory: Path, cell: experiment.Cell, steps: int = 3) -> None:
     directory.mkdir(parents=True)
     lines = [{"step": 0, "sft/loss_first": 2.0, "sft/loss_last": 1.0}]

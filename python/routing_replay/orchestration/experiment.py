@@ -15,6 +15,7 @@ import csv
 import logging
 import random
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -59,11 +60,15 @@ class Cell:
         return f"seed{self.seed}-{self.replay}-mb{self.mini_batches}"
 
 
-def load(path: str | Path) -> tuple[ExperimentConfig, job_config.JobConfig]:
-    """The experiment and its base job, both strictly validated (ConfigError names the field)."""
+def load(path: str | Path, overrides: Sequence[str] = (),
+         job_overrides: Sequence[str] = ()) -> tuple[ExperimentConfig, job_config.JobConfig]:
+    """The experiment and its base job, both strictly validated (ConfigError names the field), with
+    ``overrides`` (``grid.steps=2``, as ``--set`` gives them) merged into the experiment and
+    ``job_overrides`` (``rollout.max_new_tokens=16``, as ``--set-job`` gives them) into the base job
+    that every cell derives from."""
     path = Path(path)
-    experiment = job_config.load(path, ExperimentConfig)
-    base = job_config.load(path.parent / experiment.job)
+    experiment = job_config.load(path, ExperimentConfig, overrides)
+    base = job_config.load(path.parent / experiment.job, overrides=job_overrides, flag="--set-job")
     return experiment, base
 
 
