@@ -36,6 +36,10 @@ WANDB_ID_FILE = "wandb-run-id"
 """The run directory's W&B run id: a resumed job logs to the same W&B run."""
 
 
+class MetricsLogError(RuntimeError):
+    """A configured metrics destination cannot be written (W&B not importable, or its run not started)."""
+
+
 class RunLog:
     def __init__(self, run_dir: str | Path, tensorboard: bool = True, purge_step: int | None = None,
                  wandb: WandbSection | None = None, config: Mapping | None = None) -> None:
@@ -96,8 +100,8 @@ def _start_wandb(run_dir: Path, settings: WandbSection, config: Mapping | None):
     try:
         import wandb
     except ImportError as exc:
-        raise RuntimeError(f"run.wandb is set (mode {settings.mode}) but wandb cannot be imported ({exc}): install "
-                           "it (it is in requirements/lock-*.txt) or remove run.wandb") from None
+        raise MetricsLogError(f"run.wandb is set (mode {settings.mode}) but wandb cannot be imported ({exc}): "
+                              "install it (it is in requirements/lock-*.txt) or remove run.wandb") from None
     id_file = run_dir / WANDB_ID_FILE
     run_id = id_file.read_text(encoding="utf-8").strip() if id_file.is_file() else ""
     if not run_id:
@@ -105,8 +109,13 @@ def _start_wandb(run_dir: Path, settings: WandbSection, config: Mapping | None):
         id_file.write_text(run_id + "\n", encoding="utf-8")
     # offline runs ignore (and warn about) ``resume``: `wandb sync --append` joins their parts
     resume = "allow" if settings.mode == "online" else None
-    return wandb.init(project=settings.project, name=settings.name or run_dir.resolve().name, dir=str(run_dir),
-                      mode=settings.mode, config=dict(config or {}), id=run_id, resume=resume, reinit="create_new")
+    try:
+        return wandb.init(project=settings.project, name=settings.name or run_dir.resolve().name, dir=str(run_dir),
+                          mode=settings.mode, config=dict(config or {}), id=run_id, resume=resume, reinit="create_new")
+    except Exception as exc:  # noqa: BLE001 - W&B raises its own types (no API key, no network): one line instead
+        raise MetricsLogError(f"run.wandb: W&B could not start the run (project {settings.project!r}, mode "
+                              f"{settings.mode}): {type(exc).__name__}: {exc}; log in (`wandb login` or "
+                              "WANDB_API_KEY), set run.wandb.mode: offline, or remove run.wandb") from None
 
 
 def routing_agreement(metrics: Mapping[str, float]) -> float | None:

@@ -104,6 +104,21 @@ def test_wandb_disabled_writes_nothing(tmp_path, no_network):
     assert no_network == []
 
 
+def test_wandb_that_cannot_start_is_one_error_naming_the_cause_and_the_way_out(tmp_path, no_network, monkeypatch):
+    """W&B's own exception (here what it raises online without an API key) becomes one line that the
+    job reports as a JobError, not a traceback; the metrics file is closed again."""
+    import wandb
+
+    def init(**kwargs):
+        raise wandb.errors.UsageError("api_key not configured (no-tty). call wandb.login(key=[your_api_key])")
+
+    monkeypatch.setattr(wandb, "init", init)
+    with pytest.raises(run_log.MetricsLogError, match=r"run\.wandb: W&B could not start the run \(project 'p', "
+                       r"mode online\): UsageError: api_key not configured .* set run\.wandb\.mode: offline"):
+        run_log.RunLog(tmp_path, tensorboard=False, wandb=WandbSection(project="p", mode="online"))
+    assert run_log.read(tmp_path) == []
+
+
 def r3_metrics(mini_batches: int) -> dict[str, float]:
     return {"reward/mean": 0.6875, "reward/std": 0.4, "mismatch/k3": 2.376e-05, "time/step": 1.6691,
             "routing/agreement/layer0": 0.998, "routing/agreement/layer1": 0.994, "paired/flip_share": 0.004,

@@ -69,7 +69,7 @@ class Job:
         import ray
         from transformers import AutoTokenizer
 
-        from routing_replay.run_log import RunLog
+        from routing_replay.run_log import MetricsLogError, RunLog
         from routing_replay.tasks import check_chat_template, load_prompts
 
         problems = job_config.validate_job(cfg, job_config.architecture_of(cfg))
@@ -98,8 +98,11 @@ class Job:
             self.weights = str(resumed[0] / "hf") if resumed else self.model_path
             self.version = f"step-{self.start_step}" if resumed else "init"
             self._start_actors(ray, resumed[0] if resumed else None)
-            self.run_log = RunLog(self.run_dir, purge_step=self.start_step + 1, wandb=cfg.run.wandb,
-                                  config=cfg.model_dump(mode="json"))
+            try:
+                self.run_log = RunLog(self.run_dir, purge_step=self.start_step + 1, wandb=cfg.run.wandb,
+                                      config=cfg.model_dump(mode="json"))
+            except MetricsLogError as exc:
+                raise JobError(str(exc)) from None
             if not resumed and cfg.task.sft_warmup_steps:
                 self._warm_start()
         except BaseException:
