@@ -452,8 +452,8 @@ class SchedulerRecording:
         with self._on_delivery_stream():
             slots = req_to_token_pool.req_to_token[req.kv.req_pool_idx, span.start : span.start + span.rows]
             slots = slots.to(torch.int64)
+            host_slots = _to_host(slots)  # before the gather: its event then covers this copy too
             handle = self.main.gather(slots, report_errors=False)  # errors are read per forward (_checks)
-            host_slots = _to_host(slots)
         self._settle_checks()
         lost = self._lost_reasons(slots)
         if lost:
