@@ -16,7 +16,7 @@ import torch
 from routing_replay.sglang.client import decode_inline, routing_record
 from routing_replay.sglang.options import RecordingOptions
 from routing_replay.sglang.recording import SchedulerRecording, staging_rows
-from routing_replay.wire import RoutingCollector, RoutingRecord
+from routing_replay.wire import RoutingCollector, RoutingDeliveryFailed, RoutingRecord
 from routing_replay.wire import format as wire_format
 from routing_replay.wire.worker import BackgroundThreadDied
 
@@ -320,7 +320,6 @@ def test_a_delivery_that_fails_after_the_response_reaches_the_consumer_at_once(m
     """What fails on the delivery thread (here: making the record) is counted, and the sink gets a
     ``failed`` notice naming it: the trainer's take raises it instead of waiting out its timeout."""
     from routing_replay.sglang import delivery
-    from routing_replay.wire import RoutingDeliveryFailed
 
     with RoutingCollector() as collector:
         rec = sending_recording(collector)
@@ -339,13 +338,33 @@ def test_a_delivery_that_fails_after_the_response_reaches_the_consumer_at_once(m
     assert rec.failures.by_reason == {"delivering a request's routing: RuntimeError": 1}
 
 
+class DeathOfTheThread(BaseException):
+    """Not an Exception: nothing inside the delivery catches it, so the thread dies of it."""
+
+
+def test_a_dead_delivery_thread_fails_what_it_held_on_the_sink_and_every_later_request(monkeypatch):
+    with RoutingCollector() as collector:
+        rec = sending_recording(collector)
+        try:
+            forward(rec, [0, 1, 2, 3], {1: IDS, 3: IDS})
+            monkeypatch.setattr(rec.delivery, "_deliver", raising(DeathOfTheThread("gone")))
+            assert finish(rec, finished_request({"key": "k1"}))["delivery"] == "queued"
+            with pytest.raises(RoutingDeliveryFailed, match=r"'k1': the routing delivery thread died: "
+                                                            r"DeathOfTheThread\('gone'\)"):
+                collector.take(["k1"], timeout=600)  # at once, not after the timeout
+            later = finish(rec, finished_request({"key": "k2"}, rid="r2"))
+        finally:
+            rec.close()
+    assert later["delivery"] == "failed" and "background thread 'routing-delivery' died" in later["error"]
+
+
 def test_rows_a_late_counted_capture_error_lost_fail_exactly_their_requests():
     """CUDA counts bad ids instead of raising, and a forward's counts may reach the host only after
     the request finished: the delivery thread reads them and fails the requests over that forward's
     slots (on the sink, naming the reason); the others are delivered."""
     from routing_replay.capture.recorder import ErrorSnapshot
     from routing_replay.sglang.delivery import DeliveryThread, ForwardCheck, PendingDelivery
-    from routing_replay.wire import RoutingDeliveryFailed, RoutingSender
+    from routing_replay.wire import RoutingSender
 
     rec = recording()
     forward(rec, list(range(8)), {1: torch.cat([IDS, IDS]), 3: torch.cat([IDS, IDS])})

@@ -195,9 +195,10 @@ class DeliveryThread:
             pending.result.set_exception(RoutingLost(error))
 
     def _fail_everything(self) -> None:
-        """Called by a dying thread: inline callers waiting for their rows learn of it at once."""
+        """Called by a dying thread: every delivery it had not finished fails, named, on its sink and
+        to its waiting inline caller (later requests fail at ``check``)."""
         with self._cond:
             queued, self._queue = [self._current, *self._queue], collections.deque()
         for pending in filter(None, queued):
-            if pending.result is not None and not pending.result.done():
-                pending.result.set_exception(RoutingLost(f"the delivery thread died: {self._worker.error!r}"))
+            if pending.result is None or not pending.result.done():
+                self._fail(pending, f"the routing delivery thread died: {self._worker.error!r}")
