@@ -369,8 +369,7 @@ def test_rows_a_late_counted_capture_error_lost_fail_exactly_their_requests():
     rec = recording()
     forward(rec, list(range(8)), {1: torch.cat([IDS, IDS]), 3: torch.cat([IDS, IDS])})
     counted = SimpleNamespace(take_errors=lambda snapshot: {"expert id out of range": 2})
-    bad_forward = ForwardCheck(torch.tensor([2, 3]), torch.tensor([2, 3]), ((counted, ErrorSnapshot()),),
-                               threading.Lock())
+    bad_forward = ForwardCheck(torch.tensor([2, 3]), torch.tensor([2, 3]), ((counted, ErrorSnapshot()),))
     with RoutingCollector() as collector, RoutingSender() as sender:
         thread = DeliveryThread(sender, rec.failures.count)
         for key, slots in (("over-it", [0, 1, 2, 3]), ("beside-it", [4, 5, 6, 7])):

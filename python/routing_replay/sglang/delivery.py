@@ -9,8 +9,9 @@ to the sender. A request that asked for its rows inline waits for that result; e
 request's response has gone out already, so whatever fails here travels to its sink as a
 ``failed`` notice naming the reason, and the consumer's ``take`` raises it at once.
 
-Each delivery's exception is counted and reported, and the thread goes on. If it dies anyway, the
-next finishing request's descriptor names its death.
+Each delivery's exception is counted and reported, and the thread goes on. If it dies anyway,
+every delivery it held gets a ``failed`` notice naming its death, and the next finishing request's
+descriptor names it too.
 """
 
 from __future__ import annotations
@@ -49,9 +50,9 @@ class ForwardCheck:
     host_slots: torch.Tensor
     """``slots`` in pinned host memory, valid once the snapshots are ready."""
     snapshots: tuple[tuple[RoutingRecorder, ErrorSnapshot], ...]
-    settling: threading.Lock
-    """One per recording: counts are taken from the recorders one check at a time, oldest first."""
     _errors: dict[str, int] | None = None
+    _settling: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    """Both threads read checks oldest first, so a check is settled only after the ones before it."""
 
     def ready(self) -> bool:
         return all(snapshot.ready() for _, snapshot in self.snapshots)
@@ -60,7 +61,7 @@ class ForwardCheck:
         """Bad input its kernels skipped, by kind (waits for the counts)."""
         for _, snapshot in self.snapshots:
             snapshot.wait()
-        with self.settling:
+        with self._settling:
             if self._errors is None:
                 found: Counter[str] = Counter()
                 for recorder, snapshot in self.snapshots:
@@ -166,8 +167,9 @@ class DeliveryThread:
                 log.warning("routing-replay: %s has %d unrecorded (row, layer) positions", pending.key, record.missing)
             delivered = Delivered(record, rows, self._send(pending, record, rows))
         except Exception as exc:  # noqa: BLE001 - reported to the sink and the inline caller; the thread goes on
-            lost = isinstance(exc, RoutingLost)  # bad input from the engine, not a failure of ours
-            error = str(exc) if lost else self._count_failure("delivering a request's routing", exc)
+            # RoutingLost: bad input from the engine, not a failure of ours
+            error = str(exc) if isinstance(exc, RoutingLost) else self._count_failure(
+                "delivering a request's routing", exc)
             self._fail(pending, error)
             return
         if pending.result is not None:

@@ -190,7 +190,6 @@ class SchedulerRecording:
         self._delivery_stream = torch.cuda.Stream(self.main.device) if self._counts_errors else None
         self._rows_written: torch.cuda.Event | None = None
         self._checks: list[ForwardCheck] = []
-        self._settling = threading.Lock()
         self.lost: dict[int, str] = {}
         """Slots whose rows a capture error lost, with the reason; a request over any of them is
         delivered as failed. Cleared when the slot is freed."""
@@ -289,8 +288,7 @@ class SchedulerRecording:
         if forward.error is None and self._counts_errors:
             with self.attempt("checking a forward's capture errors") as checking:
                 host_slots = _to_host(forward.slots)  # before the snapshots: their events cover it
-                self._checks.append(ForwardCheck(forward.slots, host_slots, self._error_snapshots(forward),
-                                                 self._settling))
+                self._checks.append(ForwardCheck(forward.slots, host_slots, self._error_snapshots(forward)))
             forward.error = checking.error
         if forward.error is not None:
             self._drop_forward(forward.slots, forward.error)
